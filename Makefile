@@ -1,0 +1,29 @@
+# `make test` and `make demo` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_CPU_VERSION ?= 2.13.0
+
+.PHONY: venv test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Install the CPU torch wheel only when no torch is present, so a CUDA build a user already
+# has is kept; then the package with its test extras (editable).
+venv: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_CPU_VERSION)
+	$(PY) -m pip install --quiet -e ".[test]"
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check st_ar tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/sample_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,165 @@
+"""Building blocks of the LlamaGen GPT: RMSNorm, SwiGLU, 2D RoPE and mask/cache-aware attention.
+
+Module and parameter names follow LlamaGen's so its checkpoints load without conversion.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 whatever the activation dtype (as LlamaGen)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection, w2 the down one."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def rope_2d_table(head_dim: int, grid: int, cls_token_num: int = 1, base: float = 10000.0) -> Tensor:
+    """The (cls_token_num + grid², head_dim/2, 2) table of (cos, sin) used by LlamaGen.
+
+    The first half of the rotated pairs encodes the token's row, the second half its column,
+    each with frequencies base^(-4j/head_dim). Class-token rows are all zero, cos included: this
+    zeroes the class token's q and k in every layer. It is not an identity rotation, but it is
+    what LlamaGen checkpoints were trained with, so we keep it.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # (head_dim/4,)
+    pos = torch.arange(grid, dtype=torch.float32)
+    row_angles = torch.outer(pos, freqs)  # (grid, head_dim/4)
+    col_angles = torch.outer(pos, freqs)
+    angles = torch.cat(
+        [row_angles[:, None, :].expand(-1, grid, -1), col_angles[None, :, :].expand(grid, -1, -1)], dim=-1
+    ).reshape(grid * grid, half)  # raster order: position p = r·grid + c
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # (grid², half, 2)
+    return torch.cat([torch.zeros(cls_token_num, half, 2), table])
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (B, S, H, D) by table (S, D/2, 2)."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, D/2, 2)
+    cos = table[None, :, None, :, 0]  # (1, S, 1, D/2)
+    sin = table[None, :, None, :, 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with a fused [q | k | v] projection (grouped k/v heads allowed).
+
+    Three ways to run it:
+      - full sequence, no mask: causal SDPA (flash/efficient kernels on GPU);
+      - full sequence with ``attn_mask`` (bool, True = may attend, broadcastable to
+        (B, H, S, S)): the caller's mask replaces causality, so it must include it;
+      - with a KV cache: keys/values of this chunk are written at ``start_pos`` and the chunk
+        attends over the whole cached prefix.
+    """
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, attn_dropout: float, resid_dropout: float):
+        super().__init__()
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = dim // n_head
+        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_head * self.head_dim, dim, bias=False)
+        self.attn_dropout_p = attn_dropout
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, S, dim)
+        rope: Tensor,  # (S, head_dim/2, 2)
+        attn_mask: Tensor | None = None,
+        kv_cache=None,  # a per-layer view of sampling.kv_cache.KVCache
+        start_pos: int = 0,
+    ) -> Tensor:
+        B, S, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope)
+        k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, hd)
+        v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+
+        is_causal = attn_mask is None
+        if kv_cache is not None:
+            k, v = kv_cache.update(start_pos, k, v)  # (B, H_kv, start_pos + S, hd)
+            if S == 1:
+                is_causal = False  # one new query may see every cached key
+            elif attn_mask is None and start_pos > 0:
+                # a chunk after a prefix: query i sits at start_pos + i
+                q_pos = torch.arange(start_pos, start_pos + S, device=x.device)
+                attn_mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
+                is_causal = False
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal and S > 1,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
+        )  # (B, H, S, hd)
+        out = out.transpose(1, 2).reshape(B, S, q_size)
+        return self.resid_dropout(self.wo(out))
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability ``rate``."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(keep)
+    return x * mask / keep
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, config, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.attention = Attention(
+            config.dim, config.n_head, config.kv_heads, config.attn_dropout_p, config.resid_dropout_p
+        )
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden, config.ffn_dropout_p)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: Tensor, rope: Tensor, attn_mask=None, kv_cache=None, start_pos: int = 0) -> Tensor:
+        a = self.attention(self.attention_norm(x), rope, attn_mask, kv_cache, start_pos)
+        h = x + drop_path(a, self.drop_path_rate, self.training)
+        return h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_rate, self.training)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)

@@ -1,0 +1,162 @@
+"""Reading checkpoint files safely and loading them strictly, with errors a person can act on.
+
+LlamaGen checkpoints come in several wrappings: ``{"model": sd, "optimizer": ..., "args": Namespace}``
+from its DDP trainer, a bare state dict from its FSDP trainer (XXL, 3B), and ``{"module": sd}`` /
+``{"state_dict": sd}`` from other tools. Some carry tensors that are not weights (RoPE tables,
+KV caches, causal masks). This module unwraps all of them and refuses anything that does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+# Wrapper keys, in the order tried. "ema" comes last: we only use it when nothing else is there.
+STATE_DICT_KEYS = ("model", "module", "state_dict", "ema")
+
+# Tensors some LlamaGen files carry that are recomputed, not learned.
+RUNTIME_KEY_PATTERN = re.compile(r"(^|\.)(freqs_cis|causal_mask|kv_cache\.[kv]_cache)$")
+
+# Prefixes added by wrappers (DDP, torch.compile) that never belong to our module names.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used for the model asked for; the message says why."""
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
+    """Load a checkpoint file without executing arbitrary pickled code.
+
+    ``weights_only=True`` refuses argparse.Namespace, which LlamaGen's trainers store under
+    "args"; that one type is allow-listed. Anything else outside the safe set is refused with a
+    message naming it, unless ``trust=True`` (the file comes from someone you trust).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if trust:
+        warnings.warn(f"loading {path} with unrestricted unpickling (trust=True)", stacklevel=2)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=_can_mmap(path))
+    try:
+        _allow_namespace()
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_can_mmap(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds Python objects outside the safe set, so it was not unpickled:\n  {_first_line(e)}\n"
+            "If you trust this file, load it with trust=True (command line: --trust-checkpoint)."
+        ) from None
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {_first_line(e)}") from None
+
+
+def _allow_namespace() -> None:
+    # add_safe_globals exists from torch 2.4; it is process-wide, and Namespace holds only data.
+    torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+def _can_mmap(path: str) -> bool:
+    # mmap avoids a second copy of multi-GB files but only works on the zip format (torch >= 1.6).
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def extract_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Unwrap a checkpoint to its state dict and drop non-weight tensors and wrapper prefixes."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a dict, found {type(obj).__name__}")
+    sd = None
+    if obj and all(torch.is_tensor(v) for v in obj.values()):
+        sd = obj  # a bare state dict (FSDP checkpoints)
+    else:
+        for key in STATE_DICT_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                sd = obj[key]
+                break
+    if sd is None:
+        raise CheckpointError(
+            f"{source}: no state dict found; top-level keys are {sorted(map(str, obj.keys()))}, "
+            f"expected one of {list(STATE_DICT_KEYS)} or a bare state dict"
+        )
+    clean = {}
+    for name, tensor in sd.items():
+        if not torch.is_tensor(tensor):
+            raise CheckpointError(f"{source}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        for prefix in WRAPPER_PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix) :]
+        if RUNTIME_KEY_PATTERN.search(name):
+            continue
+        clean[name] = tensor
+    return clean
+
+
+def load_strict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    explain: Callable[[Mapping[str, torch.Tensor]], list[str]] | None = None,
+) -> None:
+    """``model.load_state_dict(strict=True)`` with a readable error.
+
+    ``explain`` turns the file's shapes into architecture facts (vocabulary, depth, width) that
+    differ from the model, which says far more than a list of mismatched keys.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        lines = explain(state_dict) if explain is not None else []
+        msg = [f"{source} does not fit the model:"]
+        msg += [f"  - {line}" for line in lines]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong_shape)):
+            if items:
+                shown = ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+                msg.append(f"  {title} keys: {shown}")
+        raise CheckpointError("\n".join(msg))
+    # copy values; file tensors may share one storage or be memory-mapped
+    model.load_state_dict(state_dict, strict=True)
+
+
+def checkpoint_args(obj: Any) -> dict[str, Any]:
+    """The training arguments stored in a LlamaGen checkpoint ("args"), as a dict; {} if none."""
+    if isinstance(obj, Mapping) and "args" in obj:
+        args = obj["args"]
+        if isinstance(args, argparse.Namespace):
+            return vars(args)
+        if isinstance(args, Mapping):
+            return dict(args)
+    return {}
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename over the target."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,4 @@
+from .generate import apply_cfg, decode_one_token, filter_logits, generate, prefill, sample_logits
+from .kv_cache import KVCache
+
+__all__ = ["KVCache", "apply_cfg", "decode_one_token", "filter_logits", "generate", "prefill", "sample_logits"]

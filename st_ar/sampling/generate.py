@@ -1,0 +1,134 @@
+"""Class-conditional sampling with a KV cache and classifier-free guidance.
+
+Small free functions so the hot loop (``decode_one_token``) can be compiled on its own:
+
+    prefill          class token -> logits for image token 0, cache filled at position 0
+    decode_one_token one image token at position p -> logits for the next one
+    generate         the loop: guidance, filtering, sampling, cache bookkeeping
+
+Guidance runs the conditional and the null-class halves as one batch and mixes fp32 logits,
+``uncond + s·(cond − uncond)`` (LlamaGen); the sampled token is fed to both halves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kv_cache import KVCache
+
+
+def apply_cfg(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> Tensor:
+    return uncond_logits + scale * (cond_logits - uncond_logits)
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest set of mass >= top_p.
+
+    top_k 0 and top_p 1.0 disable the filters. The most likely token always survives. Ties at
+    the k-th value are all kept (as LlamaGen, which compares against the k-th largest value).
+    """
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass of the tokens ranked above it exceeds top_p
+        drop_sorted = torch.zeros_like(cum, dtype=torch.bool)
+        drop_sorted[..., 1:] = cum[..., :-1] > top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(
+    logits: Tensor,  # (B, V) fp32
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Temperature, top-k, top-p, then one multinomial draw per row; temperature 0 is greedy."""
+    if temperature <= 0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model, cond: Tensor, cache: KVCache) -> Tensor:
+    """Run the class token through the model, filling the cache; logits for image token 0."""
+    empty = cond.new_empty(cond.shape[0], 0)
+    return model(empty, cond, kv_cache=cache).logits[:, -1]  # (B, V)
+
+
+def decode_one_token(model, token: Tensor, pos: int, cache: KVCache) -> Tensor:
+    """Feed image token ``token`` (B,) at sequence position ``pos``; logits (B, V) for the next."""
+    return model(token[:, None], kv_cache=cache, start_pos=pos).logits[:, -1]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    cond: Tensor,  # (B,) class labels
+    *,
+    num_tokens: int | None = None,  # default: the full image (block_size)
+    cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    decode_fn=decode_one_token,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Sample image tokens (B, num_tokens) int64 for the classes in ``cond``.
+
+    cfg_interval follows LlamaGen's convention: -1 guides every token; N >= 0 guides tokens
+    0 .. N+1 (its decode loop counts from the token after the prefill) and then samples from the
+    conditional half alone, which we then stop computing. ``return_logits`` also returns the
+    (guided, unfiltered) logits each token was drawn from, (num_tokens, B, V).
+    """
+    config = model.config
+    num_tokens = num_tokens or config.block_size
+    if not 0 < num_tokens <= config.block_size:
+        raise ValueError(f"num_tokens must lie in [1, {config.block_size}], got {num_tokens}")
+    if cond.dim() != 1:
+        raise ValueError(f"cond must be a 1-D tensor of class labels, got shape {tuple(cond.shape)}")
+    if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) > config.num_classes):
+        raise ValueError(
+            f"class labels must lie in [0, {config.num_classes - 1}] ({config.num_classes} = null class), "
+            f"got min {int(cond.min())}, max {int(cond.max())}"
+        )
+    if model.training:
+        raise RuntimeError("generate() needs the model in eval mode (dropout would change samples); call .eval()")
+    B = cond.shape[0]
+    guided = cfg_scale != 1.0
+    if guided:
+        cond = torch.cat([cond, torch.full_like(cond, config.null_class)])
+    cache = KVCache.for_model(model, cond.shape[0], config.cls_token_num + num_tokens)
+
+    def pick(logits: Tensor, token_index: int) -> tuple[Tensor, Tensor]:
+        if guided:
+            logits = apply_cfg(logits[:B], logits[B:], cfg_scale)
+        return sample_logits(logits, temperature, top_k, top_p, generator), logits
+
+    tokens = torch.empty(B, num_tokens, dtype=torch.long, device=cond.device)
+    all_logits = [] if return_logits else None
+    logits = prefill(model, cond, cache)
+    for t in range(num_tokens):
+        if guided and cfg_interval >= 0 and t > cfg_interval + 1:
+            guided = False  # guidance is over: keep only the conditional half
+            cache.keep_rows(slice(0, B))
+            logits = logits[:B]
+        token, used = pick(logits, t)
+        tokens[:, t] = token
+        if all_logits is not None:
+            all_logits.append(used)
+        if t + 1 < num_tokens:
+            feed = torch.cat([token, token]) if guided else token
+            logits = decode_fn(model, feed, config.cls_token_num + t, cache)
+    if return_logits:
+        return tokens, torch.stack(all_logits)
+    return tokens
