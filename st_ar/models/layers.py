@@ -21,8 +21,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -63,13 +62,14 @@ def rope_2d_table(head_dim: int, grid: int, cls_token_num: int = 1, base: float 
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (B, S, H, D) by table (S, D/2, 2)."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, D/2, 2)
-    cos = table[None, :, None, :, 0]  # (1, S, 1, D/2)
-    sin = table[None, :, None, :, 1]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (B, S, H, D) by table (S, D/2, 2).
+
+    Each pair is a complex number and (cos, sin) another, so the rotation is one complex
+    product (computed in fp32 whatever the activation dtype).
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, H, D/2)
+    rot = torch.view_as_complex(table)[None, :, None, :]  # (1, S, 1, D/2)
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):

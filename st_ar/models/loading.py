@@ -51,7 +51,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_can_mmap(path))
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path} holds Python objects outside the safe set, so it was not unpickled:\n  {_first_line(e)}\n"
+            f"{path} holds Python objects outside the safe set, so it was not unpickled:\n  {_refused_global(e)}\n"
             "If you trust this file, load it with trust=True (command line: --trust-checkpoint)."
         ) from None
     except RuntimeError as e:
@@ -68,6 +68,14 @@ def _can_mmap(path: str) -> bool:
     import zipfile
 
     return zipfile.is_zipfile(path)
+
+
+def _refused_global(e: BaseException) -> str:
+    # torch's message is long; the line naming the refused type is the useful one
+    for line in str(e).splitlines():
+        if "Unsupported global" in line or "GLOBAL" in line:
+            return line.strip().removeprefix("WeightsUnpickler error: ")
+    return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
