@@ -1,2 +1,37 @@
-def main(argv=None):
-    raise SystemExit("not yet")
+"""The ``st-ar`` command: one subcommand per task, each defined in st_ar/commands/."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .commands import sample
+from .models.loading import CheckpointError
+
+COMMANDS = {"sample": sample}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="st-ar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.__doc__))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command].run(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        # bad input: say what is wrong, without a stack trace from deep inside torch
+        print(f"st-ar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"st-ar {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,10 +5,10 @@ import collections
 
 import pytest
 import torch
+from test_gpt import golden_model
 
 from st_ar.models.gpt import GPT
 from st_ar.models.loading import CheckpointError
-from test_gpt import golden_model
 
 TINY_ARGS = {"vocab_size": 64, "block_size": 16, "num_classes": 10}
 
@@ -141,7 +141,7 @@ def test_llamagen_file_without_a_name_asks_for_one(gpt_golden, tmp_path):
 def test_own_checkpoint_round_trip_needs_no_architecture(gpt_golden, tmp_path):
     model = golden_model(gpt_golden)
     model.save(tmp_path / "own.pt", step=5)
-    assert not list(tmp_path.glob("*.tmp*"))  # atomic write leaves nothing behind
+    assert [p.name for p in tmp_path.iterdir()] == ["own.pt"]  # atomic write leaves nothing behind
     loaded = GPT.from_checkpoint(tmp_path / "own.pt").eval()
     assert loaded.config == model.config
     torch.testing.assert_close(loaded(gpt_golden["idx"], gpt_golden["cond_idx"]).logits, gpt_golden["logits_eval"])

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from test_gpt import golden_model
 
 from st_ar.models.gpt import GPT, GPTConfig
 from st_ar.sampling import apply_cfg, filter_logits, generate, sample_logits
-from test_gpt import golden_model
 
 
 def small_model(seed=0) -> GPT:

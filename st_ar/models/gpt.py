@@ -345,8 +345,10 @@ def _check_llamagen_facts(obj: Any, config: GPTConfig, source: str) -> None:
     if args.get("gpt_model") in GPT_PRESETS:
         preset = GPT_PRESETS[args["gpt_model"]]
         if any(preset[k] != getattr(config, k) for k in preset):
-            facts.append(f"architecture: file is {args['gpt_model']} {preset}, model has "
-                         f"n_layer={config.n_layer}, n_head={config.n_head}, dim={config.dim}")
+            facts.append(
+                f"architecture: file is {args['gpt_model']} {preset}, model has "
+                f"n_layer={config.n_layer}, n_head={config.n_head}, dim={config.dim}"
+            )
     for key in ("vocab_size", "num_classes", "cls_token_num"):
         if isinstance(args.get(key), int) and args[key] != getattr(config, key):
             facts.append(f"{key}: file {args[key]} vs model {getattr(config, key)}")

@@ -12,6 +12,7 @@ import argparse
 import os
 import pickle
 import re
+import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -158,13 +159,19 @@ def checkpoint_args(obj: Any) -> dict[str, Any]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename over the target."""
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
+    ``path``: a crash at any point leaves either the old file or the new one, never half a file."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            os.unlink(tmp)
+        raise
