@@ -6,6 +6,7 @@ from test_gpt import golden_model
 
 from st_ar.models.gpt import GPT, GPTConfig
 from st_ar.sampling import apply_cfg, filter_logits, generate, sample_logits
+from st_ar.sampling.generate import sample_categorical
 
 
 def small_model(seed=0) -> GPT:
@@ -94,10 +95,17 @@ def test_filters_match_naive_reference(top_k, top_p):
 
 
 def test_sampling_follows_the_distribution():
+    assert sample_categorical(torch.tensor([[0.0, 0.0, 1.0, 0.0]])).item() == 2
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]]))
     draws = torch.stack([sample_logits(logits, generator=torch.Generator().manual_seed(s)) for s in range(2000)])
     freq = torch.bincount(draws.flatten(), minlength=4).float() / 2000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.04)
+    # filtered tokens are never drawn, whatever the seed
+    many = torch.randn(64, 100)
+    kept = torch.isfinite(filter_logits(many, top_k=5, top_p=0.8))
+    for seed in range(50):
+        draws = sample_logits(many, top_k=5, top_p=0.8, generator=torch.Generator().manual_seed(seed))
+        assert kept[torch.arange(64), draws].all()
     # temperature -> 0 and top-k 1 are greedy
     assert sample_logits(logits, temperature=0).item() == 0
     assert sample_logits(logits, top_k=1).item() == 0

@@ -52,9 +52,22 @@ def sample_logits(
     """Temperature, top-k, top-p, then one multinomial draw per row; temperature 0 is greedy."""
     if temperature <= 0 or top_k == 1:
         return logits.argmax(-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return sample_categorical(probs, generator)
+
+
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row of ``probs`` (B, V) by inverting the CDF with a single uniform per row.
+
+    Same distribution as torch.multinomial, which on CPU draws an exponential variate for every
+    entry (V = 16384 per row): one uniform per row is several times cheaper per decode step.
+    """
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    # first index whose cdf exceeds u: zero-probability entries never qualify
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    # u can round up to the total; then take the last token with mass (first maximum of the cdf)
+    return torch.where(idx < probs.shape[-1], idx, cdf.argmax(-1))
 
 
 def prefill(model, cond: Tensor, cache: KVCache) -> Tensor:
