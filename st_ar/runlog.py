@@ -1,0 +1,57 @@
+"""Scalars to TensorBoard and a JSON-lines file, from rank 0 only.
+
+    log = RunLogger(run_dir, enabled=dist_info.is_main)
+    log.scalars(step, {"loss/ar": 5.1, "lr": 1e-4})
+    log.close()
+
+``metrics.jsonl`` is always written (easy to read back in tests and scripts); TensorBoard event
+files are written when the tensorboard package is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: the JSON lines still hold everything
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        if self.writer is not None:
+            for k, v in clean.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
