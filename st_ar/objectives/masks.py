@@ -17,3 +17,28 @@ def key_masked_causal_mask(hidden_keys: Tensor) -> Tensor:
     own = torch.eye(S, dtype=torch.bool, device=hidden_keys.device)
     allowed = causal & (~hidden_keys[:, None, :] | own)  # (B, S, S): query rows, key columns
     return allowed[:, None]
+
+
+def sample_hidden_keys(
+    batch: int,
+    seq_len: int,
+    ratio: float,
+    *,
+    num_prefix: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Pick, per sequence, round(ratio * seq_len) slots to hide among the image slots.
+
+    The first ``num_prefix`` slots (the class token) are never hidden. Returns (B, S) bool with
+    exactly that many True per row. ST-AR (paper): ratio 0.25 of the T input positions.
+    """
+    n_hide = round(ratio * seq_len)
+    candidates = seq_len - num_prefix
+    if not 0 <= n_hide <= candidates:
+        raise ValueError(f"mask ratio {ratio} hides {n_hide} of {candidates} image slots; use a ratio in [0, 1)")
+    # argsort of uniform noise = a uniformly random subset of each row, all rows at once
+    noise = torch.rand(batch, candidates, generator=generator, device=generator.device if generator else device)
+    chosen = noise.argsort(dim=1)[:, :n_hide] + num_prefix
+    hidden = torch.zeros(batch, seq_len, dtype=torch.bool, device=chosen.device)
+    return hidden.scatter_(1, chosen, True).to(device)

@@ -1,0 +1,149 @@
+"""One ST-AR training objective on a batch: AR + alpha * MIM + beta * (step + view) / 2.
+
+``STARObjective`` runs the student (masked when MIM is on), the EMA teacher when any
+self-supervised loss is on, and returns the total loss with a dict of named scalars. The
+LlamaGen baseline (one view, every extra loss off) runs the student alone: no teacher forward,
+no mask, no projector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.gpt import drop_labels
+from ..models.heads import Projector
+from .ar import ar_loss
+from .contrastive import sample_steps, step_infonce, view_infonce
+from .masks import key_masked_causal_mask, sample_hidden_keys
+from .mim import mim_loss
+
+
+@dataclass
+class ObjectiveConfig:
+    """Self-supervised losses of ST-AR (SPEC section 3); paper values unless noted."""
+
+    mim: bool = True  # L_MIM: masked-attention student vs EMA teacher, last block
+    step: bool = True  # L_step: InfoNCE across steps of one image
+    view: bool = True  # L_view: InfoNCE across views (crops) of one image
+    num_views: int = 2  # M crops of each image per batch; 1 for the LlamaGen baseline
+    mask_ratio: float = 0.25  # share of the T input slots hidden as keys (0.15-0.45 all work in the paper)
+    num_steps: int = 4  # K positions per sequence for the contrastive losses
+    contrastive_layer: int | None = None  # block whose output is contrasted; None = depth // 2
+    mim_weight: float = 1.0  # alpha
+    contrastive_weight: float = 0.5  # beta
+    temperature: float = 0.2  # InfoNCE tau; not given by the paper (our default: MoCo v3's)
+    label_dropout: float = 0.1  # CFG: label -> null class, once per image (all its views)
+    gather_negatives: bool = True  # under data parallelism, teacher targets of every rank are negatives
+    projector_hidden: int = 2048
+    projector_layers: int = 3
+
+    def __post_init__(self):
+        if self.num_views < 1:
+            raise ValueError("objective.num_views must be >= 1")
+        if self.view and self.num_views < 2:
+            raise ValueError("objective.view needs objective.num_views >= 2 (two crops of each image)")
+        if self.step and self.num_steps < 2:
+            raise ValueError("objective.step needs objective.num_steps >= 2")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"objective.mask_ratio must lie in [0, 1), got {self.mask_ratio}")
+        if self.temperature <= 0:
+            raise ValueError("objective.temperature must be positive")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.mim or self.step or self.view
+
+    @property
+    def contrastive(self) -> bool:
+        return self.step or self.view
+
+    def layer(self, n_layer: int) -> int:
+        layer = self.contrastive_layer if self.contrastive_layer is not None else n_layer // 2
+        if not 1 <= layer <= n_layer:
+            raise ValueError(f"objective.contrastive_layer must lie in [1, {n_layer}], got {layer}")
+        return layer
+
+
+# gather(t) -> (targets of all ranks stacked on dim 0, row offset of this rank)
+Gather = Callable[[Tensor], tuple[Tensor, int]]
+
+
+def no_gather(t: Tensor) -> tuple[Tensor, int]:
+    return t, 0
+
+
+class STARObjective(nn.Module):
+    """Holds the student-only projector; computes every loss of one training step."""
+
+    def __init__(self, config: ObjectiveConfig, dim: int, n_layer: int):
+        super().__init__()
+        self.config = config
+        self.n_layer = n_layer
+        self.layer = config.layer(n_layer)
+        self.projector = (
+            Projector(dim, config.projector_hidden, dim, config.projector_layers) if config.contrastive else None
+        )
+
+    def forward(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        tokens: Tensor,  # (B, M, T) image tokens, M views per image
+        labels: Tensor,  # (B,)
+        *,
+        null_class: int,
+        generator: torch.Generator | None = None,
+        gather: Gather = no_gather,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.config
+        B, M, T = tokens.shape
+        if M != cfg.num_views:
+            raise ValueError(f"batch has {M} views per image, objective.num_views is {cfg.num_views}")
+        if cfg.needs_teacher and teacher is None:
+            raise ValueError("the self-supervised losses need the EMA teacher")
+        labels = drop_labels(labels, cfg.label_dropout, null_class, generator)  # once per image
+        labels = labels.repeat_interleave(M)  # (B*M,), view-major within an image
+        seqs = tokens.flatten(0, 1)  # (N = B*M, T)
+        inputs = seqs[:, :-1]  # [class, x_0 .. x_{T-2}] once the class token is prepended
+
+        want = set()
+        if cfg.mim:
+            want.add(self.n_layer)
+        if cfg.contrastive:
+            want.add(self.layer)
+        attn_mask = None
+        if cfg.mim:
+            hidden = sample_hidden_keys(seqs.shape[0], T, cfg.mask_ratio, generator=generator, device=seqs.device)
+            attn_mask = key_masked_causal_mask(hidden)  # (N, 1, T, T)
+        out = student(inputs, labels, attn_mask=attn_mask, return_hidden=tuple(want))
+        losses = {"ar": ar_loss(out.logits, seqs)}
+        total = losses["ar"]
+        if not cfg.needs_teacher:
+            return total, losses
+
+        with torch.no_grad():
+            t_out = teacher(inputs, labels, return_hidden=tuple(want), logits=False)
+        if cfg.mim:
+            losses["mim"] = mim_loss(out.hidden[self.n_layer], t_out.hidden[self.n_layer])
+            total = total + cfg.mim_weight * losses["mim"]
+        if cfg.contrastive:
+            pos = sample_steps(T, cfg.num_steps, generator=generator).to(seqs.device)  # (K,)
+            z = self.projector(out.hidden[self.layer][:, pos])  # (N, K, D)
+            z = F.normalize(z.float(), dim=-1).view(B, M, len(pos), -1)
+            t = F.normalize(t_out.hidden[self.layer][:, pos].float(), dim=-1).view(B, M, len(pos), -1)
+            t_all, offset = gather(t)
+            terms = []
+            if cfg.step:
+                losses["step"] = step_infonce(z, t_all, cfg.temperature, offset)
+                terms.append(losses["step"])
+            if cfg.view:
+                losses["view"] = view_infonce(z, t_all, cfg.temperature, offset)
+                terms.append(losses["view"])
+            # beta * (L_step + L_view) / 2 as written in the paper; a switched-off term counts as 0
+            total = total + cfg.contrastive_weight * sum(terms) / 2
+        return total, losses
