@@ -365,7 +365,7 @@ def test_config_validation():
     assert cfg.encoder_ch_mult == (1, 2) and cfg.downsample_factor == 2
     assert VQConfig().downsample_factor == 16 and VQConfig.from_name("VQ-8").downsample_factor == 8
     assert VQConfig.from_name("vq_16") == VQConfig.from_name("VQ-16") == VQConfig()
-    assert set(VQ_PRESETS) == {"VQ-16", "VQ-8", "VQ-debug"}
+    assert set(VQ_PRESETS) >= {"VQ-16", "VQ-8", "VQ-mnist", "VQ-debug"}
     with pytest.raises(ValueError, match="VQ-16, VQ-8, VQ-debug"):
         VQConfig.from_name("VQ-32")
     with pytest.raises(ValueError, match="ch = 48"):

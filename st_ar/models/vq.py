@@ -70,6 +70,16 @@ VQ_PRESETS: dict[str, dict[str, Any]] = {
         codebook_size=64,
         codebook_embed_dim=8,
     ),
+    # CPU demo (MNIST / Fashion-MNIST at 32 px): downsample 4 -> 8x8 = 64 tokens; see docs/tokenizer.md
+    "VQ-mnist": dict(
+        ch=32,
+        encoder_ch_mult=(1, 2, 2),
+        decoder_ch_mult=(1, 2, 2),
+        z_channels=64,
+        num_res_blocks=1,
+        codebook_size=512,
+        codebook_embed_dim=8,
+    ),
 }
 
 
