@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import sample
+from .commands import extract, sample, tokenizer, train
 from .models.loading import CheckpointError
+from .train import NonFiniteLoss
 
-COMMANDS = {"sample": sample}
+COMMANDS = {"sample": sample, "extract": extract, "train": train, "tokenizer": tokenizer}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command].run(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError) as e:
         # bad input: say what is wrong, without a stack trace from deep inside torch
         print(f"st-ar {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:  # training stopped on NaN; the message says what was kept
+        print(f"st-ar {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"st-ar {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -75,3 +75,16 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only (never rebinds the builtin)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs)
+
+
+def all_gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``t`` (B, ...) from every rank along dim 0; also return this rank's row offset.
+
+    For contrastive negatives: the result carries no gradient (teacher targets need none), and
+    every rank must hold the same B (the training sampler drops the ragged tail).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t, 0
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts), dist.get_rank() * t.shape[0]

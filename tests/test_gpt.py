@@ -229,3 +229,22 @@ def test_grouped_kv_heads_match_repeated_full_heads():
     full.load_state_dict(sd)
     idx, cond = torch.randint(0, 32, (2, 15)), torch.tensor([0, 3])
     torch.testing.assert_close(small(idx, cond).logits, full(idx, cond).logits, atol=1e-5, rtol=0)
+
+
+def test_attention_maps_are_causal_distributions_and_do_not_change_the_output():
+    model = GPT(GPTConfig.from_name("GPT-debug", vocab_size=32, block_size=16, num_classes=5)).eval()
+    torch.nn.init.normal_(model.output.weight, std=0.05)
+    idx, cond = torch.randint(0, 32, (2, 15)), torch.tensor([0, 3])
+    plain = model(idx, cond)
+    out = model(idx, cond, return_attention=(1, 2))
+    torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=0)
+    assert plain.attention is None and set(out.attention) == {1, 2}
+    for w in out.attention.values():
+        assert w.shape == (2, 4, 16, 16)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 16))  # rows sum to 1
+        assert torch.triu(w, diagonal=1).abs().max() == 0  # no weight on future keys
+    # with a key mask, hidden keys get no weight from other queries
+    hidden = torch.zeros(2, 16, dtype=torch.bool)
+    hidden[:, 3] = True
+    masked = model(idx, cond, attn_mask=key_masked_causal_mask(hidden), return_attention=(2,)).attention[2]
+    assert masked[:, :, 4:, 3].abs().max() == 0 and (masked[:, :, 3, 3] > 0).all()

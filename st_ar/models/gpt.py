@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .layers import RMSNorm, TransformerBlock, rope_2d_table, round_up
@@ -144,6 +145,7 @@ GPT_PRESETS: dict[str, dict[str, int]] = {
 class ModelOutput(NamedTuple):
     logits: Tensor | None  # (B, S, vocab) fp32; None when the head was skipped
     hidden: dict[int, Tensor]  # block index -> (B, S, dim); 0 is the embedding output
+    attention: dict[int, Tensor] | None = None  # block index -> (B, H, S, keys) probabilities
 
 
 class ClassEmbedding(nn.Module):
@@ -180,6 +182,8 @@ class GPT(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         # Not in the state dict (LlamaGen files have none); kept fp32 by _apply below.
         self.register_buffer("freqs_cis", self._rope_table(), persistent=False)
+        # recompute each block in the backward pass instead of storing its activations
+        self.activation_checkpointing = False
         if not self.freqs_cis.is_meta:
             self.init_weights()
 
@@ -213,6 +217,7 @@ class GPT(nn.Module):
         kv_cache=None,  # sampling.kv_cache.KVCache
         start_pos: int = 0,  # sequence position of the first slot of this chunk
         return_hidden: Iterable[int] = (),
+        return_attention: Iterable[int] = (),  # blocks (1-based) whose attention maps to return
         logits: bool = True,  # False skips the final norm and head (EMA teacher, probes)
     ) -> ModelOutput:
         x = self.tok_embeddings(tokens)  # (B, L, dim)
@@ -233,20 +238,28 @@ class GPT(nn.Module):
         if any(not 0 <= i <= self.config.n_layer for i in want):
             raise ValueError(f"return_hidden indices must lie in [0, {self.config.n_layer}], got {sorted(want)}")
         hidden = {0: h} if 0 in want else {}
+        maps = set(return_attention)
+        if any(not 1 <= i <= self.config.n_layer for i in maps):
+            raise ValueError(f"return_attention indices must lie in [1, {self.config.n_layer}], got {sorted(maps)}")
+        attention = {}
         for i, layer in enumerate(self.layers, start=1):
             layer_cache = kv_cache.layers[i - 1] if kv_cache is not None else None
-            h = layer(h, rope, attn_mask, layer_cache, start_pos)
+            if i in maps:
+                h, attention[i] = layer(h, rope, attn_mask, layer_cache, start_pos, need_weights=True)
+            elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, attn_mask, None, 0, use_reentrant=False)
+            else:
+                h = layer(h, rope, attn_mask, layer_cache, start_pos)
             if i in want:
                 hidden[i] = h
         out = self.output(self.norm(h)).float() if logits else None  # (B, S, vocab)
-        return ModelOutput(out, hidden)
+        return ModelOutput(out, hidden, attention if maps else None)
 
     # ---------------------------------------------------------------- checkpoints
 
     def save(self, path: str | os.PathLike, **extra: Any) -> None:
         """Write {"model", "config", "kind", **extra} atomically: a crash never leaves half a file."""
-        payload = {"model": self.state_dict(), "config": dataclasses.asdict(self.config), "kind": CHECKPOINT_KIND}
-        atomic_save({**payload, **extra}, path)
+        save_gpt(path, self.config, self.state_dict(), **extra)
 
     @classmethod
     def from_checkpoint(
@@ -286,6 +299,12 @@ class GPT(nn.Module):
         _check_llamagen_facts(obj, config, source)
         load_strict(model, extract_state_dict(obj, source=source), source=source, explain=explain_gpt_mismatch(config))
         return model
+
+
+def save_gpt(path: str | os.PathLike, config: GPTConfig, state_dict: Mapping[str, Tensor], **extra: Any) -> None:
+    """Our GPT checkpoint format; ``GPT.from_checkpoint(path)`` reads it with no other argument."""
+    payload = {"model": dict(state_dict), "config": dataclasses.asdict(config), "kind": CHECKPOINT_KIND}
+    atomic_save({**payload, **extra}, path)
 
 
 def _check_stored_config(stored: Mapping[str, Any], asked: GPTConfig, source: str) -> None:

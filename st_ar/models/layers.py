@@ -99,7 +99,10 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
         kv_cache=None,  # a per-layer view of sampling.kv_cache.KVCache
         start_pos: int = 0,
-    ) -> Tensor:
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, S, dim) -> (B, S, dim); with ``need_weights`` also the (B, H, S, keys) attention
+        probabilities, computed explicitly (for analysis: slower than the fused kernel)."""
         B, S, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -121,6 +124,13 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if need_weights:
+            scores = (q @ k.transpose(-1, -2)).float() * self.head_dim**-0.5  # (B, H, S, keys)
+            if attn_mask is None:
+                attn_mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - S)
+            weights = scores.masked_fill(~attn_mask, float("-inf")).softmax(-1)
+            out = (weights.type_as(v) @ v).transpose(1, 2).reshape(B, S, q_size)
+            return self.resid_dropout(self.wo(out)), weights
         if kv_cache is not None and S == 1:
             # One query over the cached keys: two small matmuls beat the fused kernel's set-up
             # cost on CPU (about 1.5x at 8 sequences x 200 keys), and the result is the same.
@@ -161,10 +171,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: Tensor, rope: Tensor, attn_mask=None, kv_cache=None, start_pos: int = 0) -> Tensor:
-        a = self.attention(self.attention_norm(x), rope, attn_mask, kv_cache, start_pos)
+    def forward(
+        self, x: Tensor, rope: Tensor, attn_mask=None, kv_cache=None, start_pos: int = 0, need_weights: bool = False
+    ):
+        a = self.attention(self.attention_norm(x), rope, attn_mask, kv_cache, start_pos, need_weights)
+        a, weights = a if need_weights else (a, None)
         h = x + drop_path(a, self.drop_path_rate, self.training)
-        return h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_rate, self.training)
+        out = h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_rate, self.training)
+        return (out, weights) if need_weights else out
 
 
 def round_up(n: int, multiple: int) -> int:

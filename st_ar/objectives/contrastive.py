@@ -27,7 +27,8 @@ def sample_steps(num_positions: int, k: int, *, first: int = 1, generator: torch
     """
     if k > num_positions - first:
         raise ValueError(f"cannot pick {k} distinct steps among {num_positions - first} positions")
-    return torch.randperm(num_positions - first, generator=generator)[:k] + first
+    device = generator.device if generator is not None else "cpu"
+    return torch.randperm(num_positions - first, generator=generator, device=device)[:k] + first
 
 
 def _own_rows(B: int, offset: int, device) -> Tensor:

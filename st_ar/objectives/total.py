@@ -98,8 +98,12 @@ class STARObjective(nn.Module):
         *,
         null_class: int,
         generator: torch.Generator | None = None,
+        shared_generator: torch.Generator | None = None,
         gather: Gather = no_gather,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``generator`` draws this rank's label dropout and masks; ``shared_generator`` (seeded
+        alike on every rank) draws the K contrasted positions, which must be the same on all ranks
+        for the gathered targets to be the steps the losses describe."""
         cfg = self.config
         B, M, T = tokens.shape
         if M != cfg.num_views:
@@ -132,7 +136,7 @@ class STARObjective(nn.Module):
             losses["mim"] = mim_loss(out.hidden[self.n_layer], t_out.hidden[self.n_layer])
             total = total + cfg.mim_weight * losses["mim"]
         if cfg.contrastive:
-            pos = sample_steps(T, cfg.num_steps, generator=generator).to(seqs.device)  # (K,)
+            pos = sample_steps(T, cfg.num_steps, generator=shared_generator or generator).to(seqs.device)  # (K,)
             z = self.projector(out.hidden[self.layer][:, pos])  # (N, K, D)
             z = F.normalize(z.float(), dim=-1).view(B, M, len(pos), -1)
             t = F.normalize(t_out.hidden[self.layer][:, pos].float(), dim=-1).view(B, M, len(pos), -1)

@@ -1,0 +1,514 @@
+"""Training: ``train(cfg)`` runs a whole run; ``train_step(state, batch, step)`` one optimizer step.
+
+The same loop trains the LlamaGen baseline (one view, no teacher) and ST-AR, on one CPU process
+or on many GPUs through torchrun:
+
+    setup -> (resume) -> [train_step -> EMA -> log -> checkpoint]* -> final checkpoint -> close
+
+A run folder holds config.json, metrics.jsonl, tensorboard/, checkpoints/last.pt (everything
+needed to resume) and, at the end, model.pt / ema.pt (GPT checkpoints `st-ar sample` reads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import RunConfig, to_dict
+from ..data.codes import check_codes_match
+from ..data.views import CodesDataset
+from ..distributed import DistInfo, all_gather_rows, cleanup_distributed, init_distributed
+from ..models.gpt import GPT, GPTConfig, save_gpt
+from ..models.loading import CheckpointError, read_checkpoint
+from ..objectives.total import STARObjective, no_gather
+from ..runlog import RunLogger
+from ..teacher import build_teacher, ema_schedule, update_ema
+from . import NonFiniteLoss
+from .parallel import full_tensor, shard_model
+from .sampler import EpochSampler
+
+CHECKPOINT_NAME = "last.pt"
+
+
+class StudentBundle(nn.Module):
+    """The trained parameters (GPT + projector) as one module, so DDP/FSDP wrap them together."""
+
+    def __init__(self, gpt: GPT, objective: STARObjective):
+        super().__init__()
+        self.gpt = gpt
+        self.objective = objective
+        self.run_gpt: nn.Module = gpt  # replaced by the compiled module when train.compile is on
+
+    def forward(self, teacher, tokens, labels, generator, shared_generator, gather):
+        return self.objective(
+            self.run_gpt,
+            teacher,
+            tokens,
+            labels,
+            null_class=self.gpt.config.null_class,
+            generator=generator,
+            shared_generator=shared_generator,
+            gather=gather,
+        )
+
+
+@dataclass
+class TrainState:
+    cfg: RunConfig
+    dist: DistInfo
+    bundle: StudentBundle  # unwrapped: what checkpoints save
+    model: nn.Module  # the bundle as run (DDP-wrapped when distributed)
+    teacher: GPT | None
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # this rank's masks and label dropout: saved with the checkpoint
+    shared_generator: torch.Generator  # the contrasted steps, identical on every rank
+    ema_decay: Any  # step -> decay
+    autocast: Any  # () -> context manager
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    @property
+    def student(self) -> GPT:
+        return self.bundle.gpt
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def build_model(cfg: RunConfig, codes_meta: dict | None = None) -> GPT:
+    """The student: fresh, or fine-tuned from ``model.init_from`` (LlamaGen's file or ours).
+
+    Either way the architecture is ``model.name`` updated with ``model.args``; a file that does
+    not fit it is refused with the mismatch named.
+    """
+    gpt_config = GPTConfig.from_name(cfg.model.name, **cfg.model.args)
+    if codes_meta is not None:
+        check_codes_match(codes_meta, gpt_config.vocab_size, gpt_config.block_size)
+    if cfg.model.init_from:
+        return GPT.from_checkpoint(cfg.model.init_from, cfg.model.name, model_args=cfg.model.args)
+    return GPT(gpt_config)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights with >= 2 dims (linears, embeddings); none on norms and biases."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def build_state(cfg: RunConfig, dist_info: DistInfo, codes_meta: dict | None = None) -> TrainState:
+    """Student, teacher, projector, optimizer and random streams of a run, ready for train_step."""
+    device = dist_info.device
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (teacher included)
+    student = build_model(cfg, codes_meta).to(device)
+    gpt_cfg = student.config
+    objective = STARObjective(cfg.objective, gpt_cfg.dim, gpt_cfg.n_layer).to(device)
+    teacher = build_teacher(student) if cfg.objective.needs_teacher else None
+    bundle = StudentBundle(student, objective)
+    student.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        bundle.run_gpt = torch.compile(student)
+    model: nn.Module = bundle
+    if cfg.train.parallel == "fsdp":
+        shard_model(bundle, student)  # in place: bundle now holds DTensor shards
+        if teacher is not None:
+            shard_model(teacher, teacher)
+    elif dist_info.distributed:
+        model = DDP(bundle, device_ids=[device.index] if device.type == "cuda" else None)
+    # the fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop on a 2-core CPU
+    optimizer = torch.optim.AdamW(
+        param_groups(bundle, cfg.optim.weight_decay),
+        lr=cfg.optim.effective_lr(),
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        fused=cfg.train.parallel != "fsdp",  # FSDP's DTensor shards take the foreach path
+    )
+    dtype = resolve_precision(cfg.train.precision, device)
+
+    def autocast():
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    torch.manual_seed(cfg.train.seed + dist_info.rank)  # dropout differs per rank, as with independent batches
+    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + dist_info.rank)
+    shared = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + 999)
+    ema = ema_schedule(cfg.teacher.ema_schedule, cfg.teacher.ema_decay, cfg.train.steps, cfg.teacher.ema_start)
+    return TrainState(cfg, dist_info, bundle, model, teacher, optimizer, generator, shared, ema, autocast)
+
+
+def build_loader(cfg: RunConfig, dist_info: DistInfo, dataset: CodesDataset) -> tuple[DataLoader, EpochSampler]:
+    """Micro-batches of (B, M, T) codes: batch_size / (ranks x grad_accum) images each."""
+    world, accum = dist_info.world_size, cfg.optim.grad_accum
+    if cfg.optim.batch_size % (world * accum):
+        raise ValueError(
+            f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} ranks x {accum} accumulation steps"
+        )
+    micro = cfg.optim.batch_size // (world * accum)
+    sampler = EpochSampler(len(dataset), rank=dist_info.rank, world_size=world, seed=cfg.train.seed)
+    if sampler.per_rank < micro * accum:
+        raise ValueError(f"each rank gets {sampler.per_rank} images per epoch, fewer than one batch ({micro * accum})")
+    loader = DataLoader(
+        dataset,
+        batch_size=micro,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=dist_info.device.type == "cuda",
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.train.seed),  # keeps the global RNG untouched
+    )
+    return loader, sampler
+
+
+def setup(cfg: RunConfig, dist_info: DistInfo) -> tuple[TrainState, DataLoader, EpochSampler]:
+    dataset = CodesDataset(cfg.data.codes, num_views=cfg.objective.num_views, seed=cfg.train.seed)
+    state = build_state(cfg, dist_info, dataset.meta)
+    loader, sampler = build_loader(cfg, dist_info, dataset)
+    return state, loader, sampler
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def train_step(
+    state: TrainState, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int
+) -> dict[str, float]:
+    """Forward/backward over the micro-batches, clip, AdamW, EMA. Returns this rank's metrics."""
+    cfg, device = state.cfg, state.dist.device
+    state.model.train()
+    gather = all_gather_rows if (cfg.objective.gather_negatives and state.dist.distributed) else no_gather
+    sums: dict[str, float] = {}
+    n = len(micro_batches)
+    for i, (tokens, labels) in enumerate(micro_batches):
+        tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        sync = i == n - 1 or not isinstance(state.model, DDP)
+        with contextlib.nullcontext() if sync else state.model.no_sync():
+            with state.autocast():
+                total, losses = state.model(
+                    state.teacher, tokens, labels, state.generator, state.shared_generator, gather
+                )
+            (total / n).backward()
+        for k, v in {"total": total, **losses}.items():
+            sums[f"loss/{k}"] = sums.get(f"loss/{k}", 0.0) + v.detach().float().item() / n
+    grad_norm = full_tensor(
+        torch.nn.utils.clip_grad_norm_(state.bundle.parameters(), cfg.optim.grad_clip)
+        if cfg.optim.grad_clip > 0
+        else _grad_norm(state.bundle)
+    )
+    finite = torch.tensor([math.isfinite(sums["loss/total"]) and bool(torch.isfinite(grad_norm))], device=device)
+    if state.dist.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite.item()):
+        state.optimizer.zero_grad(set_to_none=True)
+        detail = ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in sums.items())
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {step} ({detail}, grad_norm={float(grad_norm):.4g})")
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    decay = state.ema_decay(step)
+    if state.teacher is not None:
+        if hasattr(state.teacher, "reshard"):
+            # FSDP keeps the root unit gathered after a forward without backward; shard it back
+            # so teacher and student parameters are the same local shards for the EMA
+            state.teacher.reshard()
+        update_ema(state.teacher, state.student, decay)
+    sums["grad_norm"] = float(grad_norm)
+    sums["lr"] = state.optimizer.param_groups[0]["lr"]
+    if state.teacher is not None:
+        sums["teacher/decay"] = decay
+    return sums
+
+
+def _grad_norm(module: nn.Module) -> torch.Tensor:
+    norms = [full_tensor(p.grad.detach()).float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_path(cfg: RunConfig) -> str:
+    return os.path.join(cfg.train.out_dir, "checkpoints", CHECKPOINT_NAME)
+
+
+def full_state_dicts(state: TrainState) -> dict[str, Any]:
+    """Unsharded CPU state dicts of everything trained; a collective under FSDP (call on every rank)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {
+        "model": get_model_state_dict(state.student, options=opts),
+        "teacher": get_model_state_dict(state.teacher, options=opts) if state.teacher is not None else None,
+        "projector": get_model_state_dict(state.bundle.objective, options=opts),
+        "optimizer": get_optimizer_state_dict(state.bundle, state.optimizer, options=opts),
+    }
+
+
+def save_checkpoint(state: TrainState) -> str:
+    """Everything needed to continue the run exactly; a GPT checkpoint `st-ar sample` reads too."""
+    path = checkpoint_path(state.cfg)
+    weights = full_state_dicts(state)
+    rng = _gather_rng_states(state)  # every rank's streams, so a resumed run continues each exactly
+    if state.dist.is_main:
+        save_gpt(
+            path,
+            state.student.config,
+            weights.pop("model"),
+            **weights,
+            step=state.step,
+            data={"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch},
+            rng=rng,
+            run_config=to_dict(state.cfg),
+        )
+    if state.dist.distributed:
+        dist.barrier()
+    return path
+
+
+def load_checkpoint(state: TrainState, path: str) -> None:
+    ckpt = read_checkpoint(path)
+    stored = ckpt.get("run_config", {})
+    _check_resumable(stored, to_dict(state.cfg), path)
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(state.student, ckpt["model"], options=opts)
+    if state.teacher is not None:
+        if ckpt.get("teacher") is None:
+            raise CheckpointError(f"{path} has no teacher but this run needs one")
+        set_model_state_dict(state.teacher, ckpt["teacher"], options=opts)
+    set_model_state_dict(state.bundle.objective, ckpt["projector"], options=opts)
+    set_optimizer_state_dict(state.bundle, state.optimizer, ckpt["optimizer"], options=opts)
+    state.step = int(ckpt["step"])
+    state.epoch, state.batch_in_epoch = int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch_in_epoch"])
+    rng = ckpt["rng"]
+    if len(rng) != state.dist.world_size:
+        raise CheckpointError(
+            f"{path} was written by {len(rng)} processes, this run has {state.dist.world_size}: the data order "
+            "and random streams would not continue; resume with the same number of processes"
+        )
+    mine = rng[state.dist.rank]
+    torch.set_rng_state(mine["torch"])
+    state.generator.set_state(mine["objective"])
+    state.shared_generator.set_state(mine["shared"])
+    if "cuda" in mine and state.dist.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], state.dist.device)
+
+
+def _gather_rng_states(state: TrainState) -> list[dict[str, torch.Tensor]]:
+    mine = {
+        "torch": torch.get_rng_state(),
+        "objective": state.generator.get_state().cpu(),
+        "shared": state.shared_generator.get_state().cpu(),
+    }
+    if state.dist.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(state.dist.device)
+    if not state.dist.distributed:
+        return [mine]
+    everyone: list = [None] * state.dist.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+# Settings a resumed run may change; anything else would silently make it a different run.
+RESUMABLE_CHANGES = {
+    ("train", "steps"),
+    ("train", "log_every"),
+    ("train", "save_every"),
+    ("data", "num_workers"),
+    ("data", "codes"),
+    ("train", "out_dir"),
+    ("train", "compile"),
+}
+
+
+def _check_resumable(stored: dict, current: dict, path: str) -> None:
+    diffs = [
+        f"{section}.{key}: checkpoint {stored[section][key]!r} vs now {value!r}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if section in stored
+        and key in stored[section]
+        and stored[section][key] != value
+        and (section, key) not in RESUMABLE_CHANGES
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings; start a new out_dir or restore them:\n  - "
+            + "\n  - ".join(diffs)
+        )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _StopRequest:
+    """First Ctrl-C (or SIGTERM): finish the current step, save, exit. Second: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: RunConfig, *, stop_at: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run. ``stop_at`` ends it early at that step as Ctrl-C would.
+
+    Returns a summary: final step, last logged metrics, checkpoint path, whether it finished.
+    """
+    dist_info = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, dist_info, stop_at)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str, Any]:
+    state, loader, sampler = setup(cfg, dist_info)
+    out = cfg.train.out_dir
+    ckpt = checkpoint_path(cfg)
+    if os.path.exists(ckpt):
+        load_checkpoint(state, ckpt)
+    if dist_info.is_main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+    log = RunLogger(out, enabled=dist_info.is_main)
+    accum = cfg.optim.grad_accum
+    seqs_per_step = cfg.optim.batch_size * cfg.objective.num_views
+    tokens_per_step = seqs_per_step * state.student.config.block_size
+    last: dict[str, float] = {}
+    finished = False
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=state.step,
+        disable=not dist_info.is_main,
+        unit="step",
+        desc=os.path.basename(out.rstrip("/")) or "train",
+        dynamic_ncols=True,
+    )
+    with _StopRequest() as stop:
+        try:
+            t0, steps_timed = time.perf_counter(), 0
+            while state.step < cfg.train.steps:
+                sampler.set_epoch(state.epoch, start=state.batch_in_epoch * loader.batch_size)
+                loader.dataset.set_epoch(state.epoch)
+                batches = iter(loader)
+                while state.step < cfg.train.steps:
+                    micro = [b for _, b in zip(range(accum), batches)]
+                    if len(micro) < accum:  # epoch exhausted
+                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                        break
+                    metrics = train_step(state, micro, state.step)
+                    state.step += 1
+                    state.batch_in_epoch += accum
+                    steps_timed += 1
+                    if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                        elapsed = time.perf_counter() - t0
+                        metrics["speed/seqs_per_s"] = seqs_per_step * steps_timed / elapsed
+                        metrics["speed/tokens_per_s"] = tokens_per_step * steps_timed / elapsed
+                        t0, steps_timed = time.perf_counter(), 0
+                        metrics = _reduce(metrics, dist_info)
+                        log.scalars(state.step, metrics)
+                        last = metrics
+                        bar.set_postfix(
+                            {k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("loss/")}
+                        )
+                    bar.update(1)
+                    if state.step % cfg.train.save_every == 0:
+                        save_checkpoint(state)
+                    if _should_stop(stop.requested or state.step == stop_at, dist_info):
+                        save_checkpoint(state)
+                        return _summary(state, last, finished=False)
+            finished = True
+            save_checkpoint(state)
+            _export(state)
+            return _summary(state, last, finished=True)
+        except NonFiniteLoss as e:
+            have = os.path.exists(ckpt)
+            raise NonFiniteLoss(
+                f"{e}. Stopped; {'the last good checkpoint is ' + ckpt if have else 'no checkpoint was written yet'}"
+                ". Try a lower optim.lr or optim.grad_clip, or train.precision=fp32."
+            ) from None
+        finally:
+            bar.close()
+            log.close()
+            if not finished and dist_info.is_main and stop.requested:
+                print(f"stopped at step {state.step}; resume by running the same command again")
+
+
+def _should_stop(local: bool, dist_info: DistInfo) -> bool:
+    if not dist_info.distributed:
+        return local
+    flag = torch.tensor([int(local)], device=dist_info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _reduce(metrics: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
+    from ..distributed import all_reduce_mean
+
+    speed = {k: v for k, v in metrics.items() if k.startswith("speed/")}
+    reduced = all_reduce_mean({k: v for k, v in metrics.items() if not k.startswith("speed/")}, dist_info.device)
+    return {**reduced, **speed}
+
+
+def _export(state: TrainState) -> None:
+    """model.pt (student) and ema.pt (teacher): plain GPT checkpoints for sampling and evaluation."""
+    weights = full_state_dicts(state)
+    if not state.dist.is_main:
+        return
+    out, meta = state.cfg.train.out_dir, {"step": state.step, "run_config": to_dict(state.cfg)}
+    save_gpt(os.path.join(out, "model.pt"), state.student.config, weights["model"], **meta)
+    if weights["teacher"] is not None:
+        save_gpt(os.path.join(out, "ema.pt"), state.student.config, weights["teacher"], **meta)
+
+
+def _summary(state: TrainState, last: dict, finished: bool) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "metrics": last,
+        "checkpoint": checkpoint_path(state.cfg),
+        "finished": finished,
+        "config": dataclasses.asdict(state.cfg),
+    }

