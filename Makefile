@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test lint bench clean fashion-mnist
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ venv: $(PY)
 
 test: venv
 	$(PY) -m pytest -q
+
+# Fashion-MNIST ships as a Debian package (IDX files in /usr/share/datasets/fashion-mnist);
+# needs root. Its tests skip when it is absent.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)
 
 lint: venv
 	$(VENV)/bin/ruff check st_ar tests benchmarks

@@ -6,7 +6,9 @@ not depend on their values), alternating in one process so the machine's noise h
   baseline  2B images x 1 view : AR loss, no teacher
   ST-AR     B images x 2 views : masked student + AR + MIM + step + view, EMA teacher forward
 
-and prints seconds per sequence, their ratio and the peak memory each step adds. The teacher
+and prints seconds per sequence and their ratio. Peak memory is measured per case in a fresh
+subprocess (the peak resident set of a process that builds that case and runs two steps; on a
+GPU the peak allocated memory), so one case's allocations cannot hide the other's. The teacher
 forward is about a third of a forward-backward, so the floor of the ratio is near 1.33.
 
     python benchmarks/train_step.py                          # GPT-S and GPT-B, fp32 and bf16 autocast
@@ -17,8 +19,9 @@ On a GPU it also prints model FLOPs utilisation (6 x params x tokens, plus the t
 from __future__ import annotations
 
 import argparse
-import os
-import threading
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -29,33 +32,28 @@ from st_ar.objectives.total import ObjectiveConfig
 from st_ar.train.loop import build_state, train_step
 
 
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every millisecond (CPU)."""
+def peak_memory_mb(model: str, star: bool, sequences: int, precision: str, device: str, block_size: int) -> float:
+    """Peak memory of one case, measured alone in a child process (this same script)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        f"{model},{int(star)},{sequences},{precision},{device},{block_size}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
 
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._stop = False
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
 
-    def _watch(self):
-        while not self._stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._thread.join()
-
-    @property
-    def added_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
+def _memory_of(spec: str) -> None:
+    model, star, sequences, precision, device, block_size = spec.split(",")
+    dev = torch.device(device)
+    state, batch = make_state(model, bool(int(star)), int(sequences), precision, dev, int(block_size))
+    for step in range(2):  # the second step has optimizer state and warm allocator caches
+        train_step(state, [batch], step)
+    if dev.type == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB on Linux
 
 
 def make_state(model: str, star: bool, sequences: int, precision: str, device: torch.device, block_size: int):
@@ -81,31 +79,28 @@ def make_state(model: str, star: bool, sequences: int, precision: str, device: t
     return state, batch
 
 
-def time_step(state, batch, device) -> tuple[float, float]:
+def time_step(state, batch, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        train_step(state, [batch], 0)
+    start = time.perf_counter()
+    train_step(state, [batch], 0)
+    if device.type == "cuda":
         torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**20
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        train_step(state, [batch], 0)
-        seconds = time.perf_counter() - start
-    return seconds, mem.added_mb
+    return time.perf_counter() - start
 
 
 def bench(model: str, sequences: int, precision: str, repeats: int, device: torch.device, block_size: int):
     base, base_batch = make_state(model, False, sequences, precision, device, block_size)
     star, star_batch = make_state(model, True, sequences, precision, device, block_size)
     times = {"baseline": [], "star": []}
-    mems = {"baseline": 0.0, "star": 0.0}
     for _ in range(repeats + 1):  # first round warms up, alternate so noise hits both
         for name, state, batch in (("baseline", base, base_batch), ("star", star, star_batch)):
-            t, m = time_step(state, batch, device)
-            times[name].append(t)
-            mems[name] = max(mems[name], m)
+            times[name].append(time_step(state, batch, device))
+    del base_batch, star_batch
+    mems = {
+        name: peak_memory_mb(model, name == "star", sequences, precision, str(device), block_size)
+        for name in ("baseline", "star")
+    }
     best = {k: min(v[1:]) for k, v in times.items()}
     n_params = sum(p.numel() for p in base.student.parameters())
     tokens = sequences * base.student.config.block_size
@@ -130,7 +125,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--block-size", type=int, default=256, help="tokens per image (256 = 16x16, ImageNet 256 px)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: measure one case in this process
     args = p.parse_args()
+    if args.memory_of:
+        return _memory_of(args.memory_of)
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
