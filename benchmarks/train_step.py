@@ -19,7 +19,6 @@ On a GPU it also prints model FLOPs utilisation (6 x params x tokens, plus the t
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
@@ -53,7 +52,10 @@ def _memory_of(spec: str) -> None:
     if dev.type == "cuda":
         print(torch.cuda.max_memory_allocated() / 2**20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB on Linux
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent process
+        with open("/proc/self/status") as f:
+            hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        print(hwm_kib / 1024)
 
 
 def make_state(model: str, star: bool, sequences: int, precision: str, device: torch.device, block_size: int):

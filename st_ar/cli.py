@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import extract, sample, tokenizer, train
+from .commands import eval as eval_cmd
+from .commands import extract, sample, tokenizer, train, viz
 from .models.loading import CheckpointError
 from .train import NonFiniteLoss
 
-COMMANDS = {"sample": sample, "extract": extract, "train": train, "tokenizer": tokenizer}
+COMMANDS = {
+    "sample": sample,
+    "extract": extract,
+    "train": train,
+    "tokenizer": tokenizer,
+    "viz": viz,
+    "eval": eval_cmd,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

