@@ -17,7 +17,7 @@ import torch
 
 from ..eval.probe import default_steps, extract_step_features, plot_probe, train_linear_probe
 from ..models.gpt import GPT
-from .sample import _int_list, _json_object, resolve_device, resolve_dtype
+from . import int_list, json_object, resolve_device, resolve_dtype
 
 HELP = "linear probe of per-step features (understanding)"
 
@@ -26,11 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", action="append", required=True, help="GPT checkpoint; repeat to compare models")
     p.add_argument("--label", action="append", help="name of each --ckpt in the plot (default: file name)")
     p.add_argument("--model", help="GPT preset (GPT-B, ...); needed for LlamaGen checkpoints, applies to all")
-    p.add_argument("--model-args", type=_json_object, default=None, metavar="JSON", help="LlamaGen ModelArgs fields")
+    p.add_argument("--model-args", type=json_object, default=None, metavar="JSON", help="LlamaGen ModelArgs fields")
     p.add_argument("--train-codes", required=True, help="extraction folder the probe is trained on")
     p.add_argument("--test-codes", required=True, help="extraction folder the probe is evaluated on")
     p.add_argument("--layer", type=int, help="block whose output is probed (1-based); default depth / 2")
-    p.add_argument("--steps", type=_int_list, help="comma-separated steps; default 8 evenly spaced, e.g. 32,...,256")
+    p.add_argument("--steps", type=int_list, help="comma-separated steps; default 8 evenly spaced, e.g. 32,...,256")
     p.add_argument("--epochs", type=int, default=20, help="probe epochs (MAE: 90)")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9, cosine schedule)")
     p.add_argument("--probe-batch-size", type=int, default=256)

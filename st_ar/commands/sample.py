@@ -7,7 +7,6 @@ DIR/samples.npz (uint8 N x H x W x 3 under "arr_0", the ADM evaluator's format) 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -19,6 +18,7 @@ from ..images import save_grid, to_uint8
 from ..models.gpt import GPT
 from ..models.vq import VQModel
 from ..sampling import generate
+from . import int_list, json_object, resolve_device, resolve_dtype
 
 HELP = "sample images from a GPT checkpoint"
 
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="GPT preset (GPT-B, GPT-L, ...); optional for our checkpoints")
     p.add_argument(
         "--model-args",
-        type=_json_object,
+        type=json_object,
         default=None,
         metavar="JSON",
         help="LlamaGen ModelArgs fields overriding the preset, e.g. '{\"block_size\": 576}'",
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vq-ckpt", help="VQ tokenizer checkpoint; without it only codes.npy is written")
     p.add_argument("--vq-model", help="VQ preset (VQ-16, VQ-8, ...); optional for our tokenizer checkpoints")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--classes", type=_int_list, help="comma-separated class indices, e.g. 1,2,3")
+    which.add_argument("--classes", type=int_list, help="comma-separated class indices, e.g. 1,2,3")
     which.add_argument("--per-class", type=int, metavar="N", help="N samples of every class, in class order")
     p.add_argument(
         "--cfg-scale",
@@ -68,35 +68,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow arbitrary pickled objects in checkpoint files (only for files you trust)",
     )
     p.add_argument("--out", required=True, help="output folder")
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object of ModelArgs fields, got {text!r}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
 def run(args: argparse.Namespace) -> None:

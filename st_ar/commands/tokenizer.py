@@ -28,7 +28,7 @@ from ..tokenizer.train import (
     stored_config,
     train,
 )
-from .sample import resolve_device
+from . import json_object, resolve_device
 
 HELP = "train or evaluate a VQ image tokenizer"
 
@@ -83,7 +83,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vq-args",
         dest="vq_args",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help='VQConfig fields overriding the preset, e.g. \'{"codebook_size": 1024, "ch": 64}\'',
     )
@@ -211,16 +211,6 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
     p.add_argument("--json", metavar="PATH", help="also write the metrics here")
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object of VQConfig fields, got {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from ..eval.viz import attention_maps, feature_cosine, locality_summary, render_
 from ..images import to_uint8
 from ..models.gpt import GPT
 from ..models.vq import VQModel
-from .sample import _int_list, _json_object, resolve_device, resolve_dtype
+from . import int_list, json_object, resolve_device, resolve_dtype
 
 HELP = "analysis figures: attention maps, token agreement of two views"
 
@@ -29,11 +29,11 @@ HELP = "analysis figures: attention maps, token agreement of two views"
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="GPT checkpoint: ours, or LlamaGen's (then --model is needed)")
     p.add_argument("--model", help="GPT preset; needed for LlamaGen checkpoints")
-    p.add_argument("--model-args", type=_json_object, default=None, metavar="JSON", help="LlamaGen ModelArgs fields")
+    p.add_argument("--model-args", type=json_object, default=None, metavar="JSON", help="LlamaGen ModelArgs fields")
     p.add_argument("--codes", required=True, help="extraction folder")
     p.add_argument("--index", type=int, default=0, help="image drawn in the PNG")
     p.add_argument("--num-images", type=int, default=16, help="images averaged in the JSON summary")
-    p.add_argument("--steps", type=_int_list, help="comma-separated steps")
+    p.add_argument("--steps", type=int_list, help="comma-separated steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from ..data.datasets import open_dataset
 from ..data.transforms import center_crop_adm, fit_to_multiple, image_to_tensor
-from ..distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
+from ..distributed import DistInfo, GracefulStop, all_reduce_mean, any_rank, cleanup_distributed, init_distributed
 from ..images import save_grid, to_uint8
 from ..models.loading import CheckpointError, atomic_save, read_checkpoint
 from ..models.vq import QuantizerOutput, VQConfig, VQModel
@@ -745,39 +745,6 @@ def stored_config(run_dir: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-class _StopRequests:
-    """Turn SIGINT / SIGTERM into a flag checked between steps, so a stop never splits a step; a
-    second Ctrl-C interrupts at once (the default behaviour is restored after the first)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequests:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _all_ranks_any(flag: bool, device: torch.device) -> bool:
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def train(
     config: TokenizerTrainConfig,
     *,
@@ -909,7 +876,7 @@ def _train(
 
     interrupted = False
     try:
-        with _StopRequests() as stop:
+        with GracefulStop() as stop:
             batches = iter(loader)
             while state.step < stop_step:
                 try:
@@ -955,7 +922,7 @@ def _train(
                     save()
                 if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                     periodic_evaluation()
-                if _all_ranks_any(stop.requested, device):
+                if any_rank(stop.requested, device):
                     interrupted = True
                     break
     except BaseException:

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ from tqdm import tqdm
 from ..config import RunConfig, to_dict
 from ..data.codes import check_codes_match
 from ..data.views import CodesDataset
-from ..distributed import DistInfo, all_gather_rows, cleanup_distributed, init_distributed
+from ..distributed import DistInfo, GracefulStop, all_gather_rows, any_rank, cleanup_distributed, init_distributed
 from ..models.gpt import GPT, GPTConfig, save_gpt
 from ..models.loading import CheckpointError, read_checkpoint
 from ..objectives.total import STARObjective, no_gather
@@ -366,31 +365,6 @@ def _check_resumable(stored: dict, current: dict, path: str) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-class _StopRequest:
-    """First Ctrl-C (or SIGTERM): finish the current step, save, exit. Second: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def train(cfg: RunConfig, *, stop_at: int | None = None) -> dict[str, Any]:
     """Run (or resume) a training run. ``stop_at`` ends it early at that step as Ctrl-C would.
 
@@ -427,7 +401,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
         desc=os.path.basename(out.rstrip("/")) or "train",
         dynamic_ncols=True,
     )
-    with _StopRequest() as stop:
+    with GracefulStop() as stop:
         try:
             t0, steps_timed = time.perf_counter(), 0
             while state.step < cfg.train.steps:
@@ -457,7 +431,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
                     bar.update(1)
                     if state.step % cfg.train.save_every == 0:
                         save_checkpoint(state)
-                    if _should_stop(stop.requested or state.step == stop_at, dist_info):
+                    if any_rank(stop.requested or state.step == stop_at, dist_info.device):
                         save_checkpoint(state)
                         return _summary(state, last, finished=False)
             finished = True
@@ -475,14 +449,6 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
             log.close()
             if not finished and dist_info.is_main and stop.requested:
                 print(f"stopped at step {state.step}; resume by running the same command again")
-
-
-def _should_stop(local: bool, dist_info: DistInfo) -> bool:
-    if not dist_info.distributed:
-        return local
-    flag = torch.tensor([int(local)], device=dist_info.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def _reduce(metrics: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
