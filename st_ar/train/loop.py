@@ -37,7 +37,15 @@ from tqdm import tqdm
 from ..config import RunConfig, to_dict
 from ..data.codes import check_codes_match
 from ..data.views import CodesDataset
-from ..distributed import DistInfo, GracefulStop, all_gather_rows, any_rank, cleanup_distributed, init_distributed
+from ..distributed import (
+    DistInfo,
+    GracefulStop,
+    all_gather_rows,
+    all_reduce_mean,
+    any_rank,
+    cleanup_distributed,
+    init_distributed,
+)
 from ..models.gpt import GPT, GPTConfig, save_gpt
 from ..models.loading import CheckpointError, read_checkpoint
 from ..objectives.total import STARObjective, no_gather
@@ -452,8 +460,6 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
 
 
 def _reduce(metrics: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
-    from ..distributed import all_reduce_mean
-
     speed = {k: v for k, v in metrics.items() if k.startswith("speed/")}
     reduced = all_reduce_mean({k: v for k, v in metrics.items() if not k.startswith("speed/")}, dist_info.device)
     return {**reduced, **speed}
