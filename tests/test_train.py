@@ -84,16 +84,16 @@ def test_star_run_writes_everything_and_checkpoints_load(mnist_codes, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), ema.state_dict().values()))
 
 
+BASELINE_FLAGS = ("objective.mim=false", "objective.step=false", "objective.view=false", "objective.num_views=1")
+
+
 def test_baseline_has_no_teacher(mnist_codes, tmp_path):
     out = tmp_path / "base"
     cfg = debug_cfg(
         mnist_codes,
         out,
         "train.steps=2",
-        "objective.mim=false",
-        "objective.step=false",
-        "objective.view=false",
-        "objective.num_views=1",
+        *BASELINE_FLAGS,
     )
     train(cfg)
     ckpt = read_checkpoint(out / "checkpoints/last.pt")
@@ -101,6 +101,9 @@ def test_baseline_has_no_teacher(mnist_codes, tmp_path):
     assert not (out / "ema.pt").exists()
     assert set(json.loads(open(out / "metrics.jsonl").readlines()[-1])) >= {"loss/ar"}
     assert "loss/mim" not in json.loads(open(out / "metrics.jsonl").readlines()[-1])
+    # a baseline checkpoint (empty projector) resumes: extend the run by one step
+    more = debug_cfg(mnist_codes, out, "train.steps=3", *BASELINE_FLAGS)
+    assert train(more)["step"] == 3 and read_checkpoint(out / "checkpoints/last.pt")["step"] == 3
 
 
 def state_tensors(path):

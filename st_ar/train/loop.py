@@ -308,7 +308,9 @@ def load_checkpoint(state: TrainState, path: str) -> None:
         if ckpt.get("teacher") is None:
             raise CheckpointError(f"{path} has no teacher but this run needs one")
         set_model_state_dict(state.teacher, ckpt["teacher"], options=opts)
-    set_model_state_dict(state.bundle.objective, ckpt["projector"], options=opts)
+    if ckpt["projector"] or any(True for _ in state.bundle.objective.parameters()):
+        # the baseline has no projector: an empty state dict is refused by set_model_state_dict
+        set_model_state_dict(state.bundle.objective, ckpt["projector"], options=opts)
     set_optimizer_state_dict(state.bundle, state.optimizer, ckpt["optimizer"], options=opts)
     state.step = int(ckpt["step"])
     state.epoch, state.batch_in_epoch = int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch_in_epoch"])
