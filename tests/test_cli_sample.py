@@ -1,6 +1,7 @@
 """`st-ar sample` end to end on the golden GPT and a small tokenizer."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from st_ar.cli import main
+from st_ar.cli import build_parser, main
+from st_ar.commands.sample import merge_parts, padded_labels, sample_own_batches
+from st_ar.distributed import DistInfo
 from st_ar.models.vq import VQConfig, VQModel
 
 TINY = ["--model", "GPT-debug", "--model-args", json.dumps({"vocab_size": 64, "block_size": 16, "num_classes": 10})]
@@ -89,6 +92,9 @@ def test_with_tokenizer_writes_npz_and_grid(gpt_ckpt, vq_ckpt, tmp_path):
     expected = ((expected.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
     assert Image.open(out / "grid.png").size[0] > 8
+    np.testing.assert_array_equal(np.load(out / "samples.npz")["labels"], np.repeat(np.arange(10), 2))
+    assert list(np.load(out / "samples.npz").files) == ["arr_0", "labels"]
+    assert not (out / "parts").exists()
     # same seed, same samples
     again = tmp_path / "again"
     main(["sample", "--ckpt", gpt_ckpt, *TINY, "--per-class", "2", "--seed", "3", "--out", str(again)])
@@ -115,3 +121,67 @@ def test_bad_input_gets_a_clear_message(gpt_golden, gpt_ckpt, tmp_path, capsys):
 def test_console_script_is_installed(tmp_path):
     result = subprocess.run([sys.executable, "-m", "st_ar.cli", "sample", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--cfg-interval" in result.stdout
+
+
+def test_padding_repeats_the_classes_up_to_whole_global_batches():
+    assert padded_labels([3, 1, 4], 2) == [3, 1, 4, 3]
+    assert padded_labels([3, 1, 4, 1, 5], 6) == [3, 1, 4, 1, 5, 3]
+    assert padded_labels([7], 1) == [7]
+
+
+def test_ranks_share_the_batches_of_one_process(gpt_ckpt, vq_ckpt):
+    # the schedule of two ranks, run in this process: same rows as one process once merged by index
+    from st_ar.models.gpt import GPT
+
+    args = build_parser().parse_args(
+        ["sample", "--ckpt", gpt_ckpt, *TINY, "--classes", "3,1,4,1,5", "--batch-size", "2", "--seed", "5"]
+        + ["--out", "unused"]
+    )
+    model = GPT.from_checkpoint(gpt_ckpt, "GPT-debug", model_args=args.model_args).eval()
+    vq = vq_ckpt[1]
+    cpu = torch.device("cpu")
+    alone = sample_own_batches(model, vq, args.classes, args, DistInfo(device=cpu))
+    ranks = [sample_own_batches(model, vq, args.classes, args, DistInfo(r, r, 2, cpu)) for r in (0, 1)]
+    # one process pads 5 samples to 6, two to 8: rank 0 runs batches 0 and 2, rank 1 batches 1 and 3
+    np.testing.assert_array_equal(alone[0], np.arange(6))
+    np.testing.assert_array_equal(ranks[0][0], [0, 1, 4, 5])
+    np.testing.assert_array_equal(ranks[1][0], [2, 3, 6, 7])
+    codes, images = merge_parts(ranks[::-1], 5)  # the order of the parts does not matter
+    np.testing.assert_array_equal(codes, alone[1][:5])
+    np.testing.assert_array_equal(images, alone[2][:5])
+    with pytest.raises(RuntimeError, match="missing"):
+        merge_parts(ranks[:1], 5)
+
+
+@pytest.mark.dist
+def test_torchrun_on_two_processes_writes_the_samples_of_one(gpt_ckpt, vq_ckpt, tmp_path):
+    # 8 samples in batches of 3 (random sampling): one process pads them to 9, two processes to 12
+    classes = [3, 1, 4, 1, 5, 9, 2, 6]
+    flags = ["--ckpt", gpt_ckpt, *TINY, "--vq-ckpt", vq_ckpt[0], "--classes", ",".join(map(str, classes))]
+    flags += ["--batch-size", "3", "--seed", "7", "--temperature", "1", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses below: same kernels, same bits
+    try:
+        assert main(["sample", *flags, "--out", str(one)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*launch, "-m", "st_ar.cli", "sample", *flags, "--out", str(two)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "8 samples in" in result.stdout and "on 2 processes" in result.stdout
+    assert result.stdout.count("samples in") == 1  # rank 0 alone reports
+    codes = np.load(two / "codes.npy")
+    assert codes.shape == (8, 16)
+    assert (one / "codes.npy").read_bytes() == (two / "codes.npy").read_bytes()
+    with np.load(one / "samples.npz") as a, np.load(two / "samples.npz") as b:
+        assert b["arr_0"].shape == (8, 8, 8, 3)
+        assert a["arr_0"].tobytes() == b["arr_0"].tobytes()
+        np.testing.assert_array_equal(b["labels"], classes)
+    assert not (two / "parts").exists() and not (one / "parts").exists()
+    assert (two / "grid.png").exists()

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..eval.probe import default_steps, extract_step_features, plot_probe, train_linear_probe
+from ..eval.probe import plot_probe, probe_curve
 from ..models.gpt import GPT
 from . import int_list, json_object, resolve_device, resolve_dtype
 
@@ -62,33 +62,31 @@ def run(args: argparse.Namespace) -> None:
         model = GPT.from_checkpoint(ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
         model = model.to(device=device, dtype=dtype).eval()
         layer = args.layer if args.layer is not None else model.config.n_layer // 2
-        steps = args.steps or default_steps(model.config.block_size)
-        extract = dict(steps=steps, layer=layer, batch_size=args.batch_size, device=device)
-        train, y_train = extract_step_features(model, args.train_codes, limit=args.max_train, **extract)
-        test, y_test = extract_step_features(model, args.test_codes, limit=args.max_test, **extract)
+        curve = probe_curve(
+            model,
+            args.train_codes,
+            args.test_codes,
+            layer=layer,
+            steps=args.steps,
+            max_train=args.max_train,
+            max_test=args.max_test,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            lr=args.lr,
+            probe_batch_size=args.probe_batch_size,
+            seed=args.seed,
+            device=device,
+        )
         del model
-        num_classes = int(max(y_train.max(), y_test.max())) + 1
-        acc = {}
-        for s in sorted(train):
-            acc[s] = train_linear_probe(
-                train[s],
-                y_train,
-                test[s],
-                y_test,
-                epochs=args.epochs,
-                lr=args.lr,
-                batch_size=args.probe_batch_size,
-                seed=args.seed,
-                num_classes=num_classes,
-                device=device,
-            )
-            print(f"{label}: layer {layer} step {s}: top-1 {100 * acc[s]:.2f}%")
+        acc = curve.accuracy
+        for s, a in acc.items():
+            print(f"{label}: layer {layer} step {s}: top-1 {100 * a:.2f}%")
         curves[label] = acc
         report["models"][label] = {
             "ckpt": os.path.abspath(ckpt),
             "layer": layer,
-            "num_train": len(y_train),
-            "num_test": len(y_test),
+            "num_train": curve.num_train,
+            "num_test": curve.num_test,
             "accuracy": {str(s): a for s, a in acc.items()},  # JSON keys are strings
             "seconds": round(time.perf_counter() - start, 1),
         }

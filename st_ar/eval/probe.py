@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -163,6 +164,60 @@ def train_linear_probe(
             pred = head(test_feats[i : i + 1024].float().to(device)).argmax(-1).cpu()
             correct += int((pred == test_labels[i : i + 1024].long()).sum())
     return correct / max(len(test_feats), 1)
+
+
+class ProbeCurve(NamedTuple):
+    accuracy: dict[int, float]  # step -> top-1 in [0, 1]
+    num_train: int
+    num_test: int
+
+
+def probe_curve(
+    model: GPT,
+    train: tuple[Tensor, Tensor] | str | os.PathLike,
+    test: tuple[Tensor, Tensor] | str | os.PathLike,
+    *,
+    layer: int,
+    steps: Sequence[int] | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    batch_size: int = 64,
+    epochs: int = 20,
+    lr: float = 0.1,
+    probe_batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> ProbeCurve:
+    """Linear-probe top-1 accuracy at each step: features of block ``layer`` on the train and test codes
+    ((codes, labels) tensors or extraction folders), one probe per step."""
+    steps = steps or default_steps(model.config.block_size)
+    extract = dict(steps=steps, layer=layer, batch_size=batch_size, device=device, progress=progress)
+
+    def features(source, limit):
+        if isinstance(source, tuple):
+            return extract_step_features(model, source[0], labels=source[1], limit=limit, **extract)
+        return extract_step_features(model, source, limit=limit, **extract)
+
+    train_feats, y_train = features(train, max_train)
+    test_feats, y_test = features(test, max_test)
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    accuracy = {
+        s: train_linear_probe(
+            train_feats[s],
+            y_train,
+            test_feats[s],
+            y_test,
+            epochs=epochs,
+            lr=lr,
+            batch_size=probe_batch_size,
+            seed=seed,
+            num_classes=num_classes,
+            device=device,
+        )
+        for s in sorted(train_feats)
+    }
+    return ProbeCurve(accuracy, len(y_train), len(y_test))
 
 
 def plot_probe(results: dict[str, dict[int, float]], path: str | os.PathLike, title: str = "") -> None:

@@ -12,9 +12,12 @@ Guidance runs the conditional and the null-class halves as one batch and mixes f
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from ..images import to_uint8
 from .kv_cache import KVCache
 
 
@@ -145,3 +148,31 @@ def generate(
     if return_logits:
         return tokens, torch.stack(all_logits)
     return tokens
+
+
+@torch.no_grad()
+def generate_images(
+    model,
+    vq,
+    labels: Tensor,  # (N,) class labels
+    *,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    progress: str | None = None,
+    **sampling,
+) -> tuple[Tensor, np.ndarray | None]:
+    """Sample ``labels`` in batches and decode them: ((N, T) int64 codes on the CPU, (N, H, W, 3) uint8).
+
+    ``vq`` None skips decoding (images None). ``sampling``: generate()'s cfg_scale, cfg_interval,
+    temperature, top_k, top_p. ``progress``: a bar with this title, or None for no bar.
+    """
+    grid = (model.config.grid_size, model.config.grid_size)
+    codes, images = [], []
+    with tqdm(total=len(labels), unit="img", desc=progress or "", disable=progress is None) as bar:
+        for i in range(0, len(labels), batch_size):
+            batch = generate(model, labels[i : i + batch_size], generator=generator, **sampling)
+            codes.append(batch.cpu())
+            if vq is not None:
+                images.append(to_uint8(vq.decode(batch, grid=grid)))
+            bar.update(batch.shape[0])
+    return torch.cat(codes), (np.concatenate(images) if vq is not None else None)
