@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 
-.PHONY: venv test lint bench clean fashion-mnist
+.PHONY: venv test demo lint bench clean fashion-mnist
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ venv: $(PY)
 
 test: venv
 	$(PY) -m pytest -q
+
+# The README's main command: MNIST, offline, on a CPU; writes runs/demo/mnist/report.md.
+# Running it again reuses every finished stage. DEMO_ARGS passes options, e.g. DEMO_ARGS="--set steps=1200".
+demo: venv
+	$(PY) -m st_ar.cli demo $(DEMO_ARGS)
 
 # Fashion-MNIST ships as a Debian package (IDX files in /usr/share/datasets/fashion-mnist);
 # needs root. Its tests skip when it is absent.

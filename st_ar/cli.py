@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .commands import demo, extract, sample, tokenizer, train, viz
 from .commands import eval as eval_cmd
-from .commands import extract, sample, tokenizer, train, viz
 from .models.loading import CheckpointError
 from .train import NonFiniteLoss
 
@@ -17,6 +17,7 @@ COMMANDS = {
     "tokenizer": tokenizer,
     "viz": viz,
     "eval": eval_cmd,
+    "demo": demo,
 }
 
 

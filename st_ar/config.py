@@ -23,7 +23,7 @@ from .objectives.total import ObjectiveConfig
 
 @dataclass
 class ModelConfig:
-    name: str = "GPT-S"  # a GPT preset (GPT-debug, GPT-S, GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-3B)
+    name: str = "GPT-S"  # a GPT preset (GPT-debug, GPT-T, GPT-S, GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-3B)
     args: dict[str, Any] = field(default_factory=dict)  # GPTConfig / LlamaGen ModelArgs fields to override
     init_from: str | None = None  # GPT checkpoint to fine-tune from (ours or LlamaGen's); projector starts fresh
 
@@ -170,17 +170,22 @@ def parse_value(raw: str, hint: Any, key: str) -> Any:
 BASELINE = dict(mim=False, step=False, view=False, num_views=1)
 
 
+NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+
+
 def _demo(dataset: str, star: bool) -> RunConfig:
-    """CPU demo on MNIST-like data: a small GPT over the 8x8 tokens of the VQ-mnist tokenizer (512 codes)."""
+    """CPU demo on MNIST-like data (what `st-ar demo` trains): GPT-T over the 8x8 tokens of the VQ-mnist
+    tokenizer (512 codes), 32 sequences per step for both: 32 images x 1 view, or 16 images x 2 views."""
     cfg = RunConfig()
-    cfg.model = ModelConfig(name="GPT-S", args=dict(vocab_size=512, block_size=64, num_classes=10))
+    # no dropout: in a run of a few thousand steps it only slows learning
+    cfg.model = ModelConfig(name="GPT-T", args=dict(vocab_size=512, block_size=64, num_classes=10, **NO_DROPOUT))
     cfg.data = DataConfig(codes=f"runs/demo/{dataset}/codes", num_workers=0)
     cfg.objective = ObjectiveConfig(projector_hidden=512) if star else ObjectiveConfig(**BASELINE)
     # a few thousand steps: the paper's 0.9999 would leave the teacher at its initial weights
     cfg.teacher = TeacherConfig(ema_decay=0.999, ema_schedule="cosine", ema_start=0.99)
-    cfg.optim = OptimConfig(lr=3e-4, scale_lr=False, batch_size=64)
+    cfg.optim = OptimConfig(lr=2e-3, scale_lr=False, batch_size=16 if star else 32)
     cfg.train = TrainConfig(
-        out_dir=f"runs/demo/{dataset}/{'star' if star else 'baseline'}", steps=2000, save_every=500, log_every=20
+        out_dir=f"runs/demo/{dataset}/{'star' if star else 'baseline'}", steps=1500, save_every=500, log_every=20
     )
     return cfg
 

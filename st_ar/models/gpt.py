@@ -132,7 +132,8 @@ LLAMAGEN_RUNTIME_FIELDS = ("max_batch_size", "max_seq_len", "caption_dim")
 # (n_layer, n_head, dim) of LlamaGen's sizes, plus small ones for tests and the CPU demo.
 GPT_PRESETS: dict[str, dict[str, int]] = {
     "GPT-debug": dict(n_layer=2, n_head=4, dim=128),  # unit tests
-    "GPT-S": dict(n_layer=8, n_head=8, dim=256),  # CPU demo
+    "GPT-T": dict(n_layer=4, n_head=4, dim=128),  # the CPU demo and the small-scale ablation
+    "GPT-S": dict(n_layer=8, n_head=8, dim=256),  # small CPU runs
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),  # 111M
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),  # 343M
     "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),  # 775M
