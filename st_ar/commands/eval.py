@@ -41,12 +41,17 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_domain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", required=True, help=".npz (arr_0: uint8 N x H x W x C) or a folder of PNG/JPEG")
-    labels = p.add_mutually_exclusive_group(required=True)
+    labels = p.add_mutually_exclusive_group()
     labels.add_argument("--per-class", type=int, metavar="N", help="samples are N per class, in class order")
-    labels.add_argument("--labels", metavar="PATH", help=".npy of int class labels, one per sample")
+    labels.add_argument(
+        "--labels", metavar="PATH", help=".npy of int class labels, one per sample (default: the .npz's 'labels')"
+    )
     p.add_argument("--dataset", required=True, help="mnist, fashion-mnist, or an image folder")
     p.add_argument("--ref-split", default="test", help="real images the domain FID compares with")
     p.add_argument("--epochs", type=int, default=2, help="classifier training epochs (cached per setting)")
+    p.add_argument(
+        "--train-images", type=int, metavar="N", help="train the classifier on a random N of the train split"
+    )
     p.add_argument("--out", help="write the metrics as JSON here")
 
 
@@ -226,9 +231,11 @@ def run_domain(args: argparse.Namespace) -> None:
         if args.per_class < 1 or len(samples) % args.per_class:
             raise ValueError(f"{len(samples)} samples are not a whole number of groups of --per-class {args.per_class}")
         labels = np.repeat(np.arange(len(samples) // args.per_class), args.per_class)
-    else:
+    elif args.labels:
         labels = np.load(args.labels).astype(np.int64).reshape(-1)
-    clf = DomainClassifier.load_or_train(args.dataset, epochs=args.epochs)
+    else:
+        labels = _stored_labels(args.samples)
+    clf = DomainClassifier.load_or_train(args.dataset, epochs=args.epochs, max_images=args.train_images)
     real, real_labels, _ = dataset_arrays(args.dataset, args.ref_split)
     results = {
         "samples": args.samples,
@@ -242,6 +249,15 @@ def run_domain(args: argparse.Namespace) -> None:
     print(f"{results['real_class_accuracy']:.4f})")
     print(f"domain FID vs {args.dataset} {args.ref_split}: {results['domain_fid']:.4f}")
     _write_json(args.out, results)
+
+
+def _stored_labels(samples: str) -> np.ndarray:
+    """The class of every sample as `st-ar sample` stores it in samples.npz ('labels')."""
+    if os.path.isfile(samples):
+        with np.load(samples) as z:
+            if "labels" in z.files:
+                return z["labels"].astype(np.int64).reshape(-1)
+    raise ValueError(f"{samples} stores no 'labels': pass --per-class N or --labels PATH")
 
 
 def _write_json(path: str | None, results: dict) -> None:

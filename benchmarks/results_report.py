@@ -1,0 +1,182 @@
+"""Tables and figures of docs/RESULTS.md from the result files of benchmarks/reproduce.py.
+
+    python benchmarks/reproduce.py --report
+
+Rewrites only the part of docs/RESULTS.md between the ``<!-- results:start -->`` and
+``<!-- results:end -->`` markers (the discussion around them is written by hand), and the figures
+under docs/results/. Runs without a result file yet are listed as missing, so the report can be
+made at any point of the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "RESULTS.md")
+FIGURES = os.path.join(ROOT, "docs", "results")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+ROWS = [
+    ("baseline", "LlamaGen baseline"),
+    ("mim", "+ MIM"),
+    ("mim-step", "+ MIM + step"),
+    ("mim-view", "+ MIM + view"),
+    ("star", "ST-AR (all three)"),
+    ("baseline-ec", "baseline, equal compute"),
+]
+
+
+def load(runs) -> dict[str, dict]:
+    out = {}
+    for run in runs:
+        if os.path.isfile(run.result_path):
+            with open(run.result_path) as f:
+                out[run.key] = json.load(f)
+    return out
+
+
+def _mean_std(values: list[float], fmt: str, scale: float = 1.0) -> str:
+    if not values:
+        return "-"
+    v = np.asarray(values) * scale
+    if len(v) == 1:
+        return f"{v[0]:{fmt}}"
+    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}"
+
+
+def _probe(result: dict) -> dict[int, float]:
+    return {int(s): a for s, a in result["metrics"]["probe"].items()}
+
+
+def variant_table(results: dict[str, dict], dataset: str, seeds) -> list[str]:
+    lines = [
+        "| run | seeds | steps | s/step | FID | domain FID | class accuracy | probe, last step | probe, best step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, title in ROWS:
+        rs = [results[k] for k in (f"{dataset}/{variant}-s{s}" for s in seeds) if k in results]
+        if not rs:
+            lines.append(f"| {title} | (not run yet) | | | | | | | |")
+            continue
+        last = [_probe(r)[max(_probe(r))] for r in rs]
+        best = [max(_probe(r).values()) for r in rs]
+        m = [r["metrics"] for r in rs]
+        lines.append(
+            f"| {title} | {len(rs)} | {rs[0]['steps']} | {_mean_std([r['s_per_step'] for r in rs], '.3f')} "
+            f"| {_mean_std([x['fid'] for x in m], '.2f')} | {_mean_std([x['domain_fid'] for x in m], '.2f')} "
+            f"| {_mean_std([x['class_accuracy'] for x in m], '.1f', 100)}% "
+            f"| {_mean_std(last, '.1f', 100)}% | {_mean_std(best, '.1f', 100)}% |"
+        )
+    return lines
+
+
+def sweep_table(results: dict[str, dict], dataset: str, names: list[tuple[str, str]], label: str) -> list[str]:
+    lines = [
+        f"| {label} | FID | domain FID | class accuracy | probe, last step | probe, best step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, value in names:
+        r = results.get(f"{dataset}/{name}")
+        if r is None:
+            lines.append(f"| {value} | (not run yet) | | | | |")
+            continue
+        m, probe = r["metrics"], _probe(r)
+        lines.append(
+            f"| {value} | {m['fid']:.2f} | {m['domain_fid']:.2f} | {100 * m['class_accuracy']:.1f}% "
+            f"| {100 * probe[max(probe)]:.1f}% | {100 * max(probe.values()):.1f}% |"
+        )
+    return lines
+
+
+def probe_figure(results: dict[str, dict], dataset: str, seeds, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    drawn = False
+    for variant, title in ROWS:
+        rs = [results[k] for k in (f"{dataset}/{variant}-s{s}" for s in seeds) if k in results]
+        if not rs or variant in ("mim", "mim-step", "mim-view"):
+            continue
+        steps = sorted(_probe(rs[0]))
+        acc = np.array([[100 * _probe(r)[s] for s in steps] for r in rs])
+        ax.errorbar(steps, acc.mean(0), yerr=acc.std(0) if len(rs) > 1 else None, marker="o", capsize=3, label=title)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("step (image tokens consumed)")
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title(f"{dataset}: middle-layer probe, mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def grids_figure(dataset: str, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    shown = [(v, t) for v, t in ROWS if os.path.isfile(_grid(dataset, v))]
+    shown = [(v, t) for v, t in shown if v in ("baseline", "star", "baseline-ec")]
+    if not shown:
+        return False
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4.6))
+    for ax, (variant, title) in zip(np.atleast_1d(axes), shown):
+        ax.imshow(Image.open(_grid(dataset, variant)))
+        ax.set_title(f"{title}, seed 0")
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _grid(dataset: str, variant: str) -> str:
+    return os.path.join(ROOT, "benchmarks", "results", dataset, f"{variant}-s0.png")
+
+
+def write_results(runs) -> None:
+    from reproduce import DATASETS, DEPTH, SEEDS  # benchmarks/reproduce.py
+
+    results = load(runs)
+    os.makedirs(FIGURES, exist_ok=True)
+    body = [START, "", f"{len(results)} of {len(runs)} runs have results.", ""]
+    for dataset in DATASETS:
+        body += [f"### {dataset}", ""]
+        body += variant_table(results, dataset, SEEDS) + [""]
+        probe_png = os.path.join(FIGURES, f"probe_{dataset}.png")
+        if probe_figure(results, dataset, SEEDS, probe_png):
+            body += [f"![probe curves, {dataset}](results/probe_{dataset}.png)", ""]
+        grids_png = os.path.join(FIGURES, f"samples_{dataset}.png")
+        if grids_figure(dataset, grids_png):
+            body += [f"![samples, {dataset}](results/samples_{dataset}.png)", ""]
+    depth = DEPTH
+    body += ["### Mask ratio (fashion-mnist, ST-AR, seed 0)", ""]
+    masks = [("mask0.15-s0", "0.15"), ("star-s0", "0.25"), ("mask0.35-s0", "0.35"), ("mask0.45-s0", "0.45")]
+    body += sweep_table(results, "fashion-mnist", masks, "mask ratio") + [""]
+    body += ["### Contrastive layer (fashion-mnist, ST-AR, seed 0)", ""]
+    layers = [("layer1of4-s0", f"1 of {depth}"), ("star-s0", f"{depth // 2} of {depth}")]
+    layers += [("layer3of4-s0", f"3 of {depth}"), ("layer4of4-s0", f"{depth} of {depth}")]
+    body += sweep_table(results, "fashion-mnist", layers, "layer") + ["", END]
+
+    text = open(DOC).read() if os.path.isfile(DOC) else f"# Results\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise ValueError(f"{DOC} lacks the {START} / {END} markers")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    with open(DOC, "w") as f:
+        f.write(head + "\n".join(body) + tail)
+    print(f"wrote {DOC} ({len(results)} results)")
