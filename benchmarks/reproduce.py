@@ -49,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from st_ar.config import BASELINE, apply_overrides, preset  # noqa: E402
-from st_ar.demo import DemoConfig, Evaluator, extract, sample_run, train_tokenizer  # noqa: E402
+from st_ar.demo import DemoConfig, Evaluator, codes_model_args, extract, sample_run, train_tokenizer  # noqa: E402
 from st_ar.models.gpt import GPT_PRESETS  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -146,7 +146,7 @@ def prepare_data(dataset: str, work: str) -> dict[str, str]:
         train_tokenizer(cfg, os.path.dirname(tokenizer))
     codes = {split: os.path.join(base, "codes", split) for split in ("train", "test")}
     for split, folder in codes.items():
-        if not os.path.isfile(os.path.join(folder, "meta.json")) or _incomplete(folder):
+        if _incomplete(folder):  # absent, or stopped part way
             print(f"[{dataset}] tokenizing the {split} images", flush=True)
             extract(cfg, tokenizer, folder, split)
     return {"tokenizer": tokenizer, **codes}
@@ -172,14 +172,13 @@ def run_config(run: Run, codes: str, out: str, steps: int):
 
     meta = read_codes_meta(codes)
     base = preset("demo-mnist-star")
-    data = dict(vocab_size=meta["vocab_size"], block_size=meta["seq_len"], num_classes=meta["num_classes"])
     objective = [f"objective.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in run.objective.items()]
     # the star preset with the baseline's objective builds no teacher or projector
     return apply_overrides(
         base,
         [
             f"model.name={MODEL}",
-            f"model.args={json.dumps({**base.model.args, **data})}",
+            f"model.args={json.dumps({**base.model.args, **codes_model_args(meta)})}",
             f"data.codes={codes}",
             f"optim.batch_size={IMAGES_PER_STEP}",
             f"optim.lr={LR}",

@@ -210,14 +210,18 @@ def extract(cfg: DemoConfig, tokenizer: str, out: str, split: str) -> dict:
     return {"images": meta["count"], "crops": meta["num_crops"], "seconds": round(report.seconds, 1)}
 
 
+def codes_model_args(meta: dict) -> dict:
+    """The GPT fields an extraction fixes: vocabulary, tokens per image, classes."""
+    return dict(vocab_size=meta["vocab_size"], block_size=meta["seq_len"], num_classes=meta["num_classes"])
+
+
 def run_config(cfg: DemoConfig, kind: str, codes: str, out: str):
     views = 1 if kind == "baseline" else 2
     if cfg.sequences_per_step % views:
         raise ValueError(f"sequences_per_step must be even (ST-AR takes 2 views), got {cfg.sequences_per_step}")
     meta = read_codes_meta(codes)
     base = preset("demo-mnist-star" if kind == "star" else "demo-mnist-baseline")
-    data = dict(vocab_size=meta["vocab_size"], block_size=meta["seq_len"], num_classes=meta["num_classes"])
-    args = {**base.model.args, **cfg.gpt_args, **data}
+    args = {**base.model.args, **cfg.gpt_args, **codes_model_args(meta)}
     overrides = [
         f"model.name={cfg.model}",
         f"model.args={json.dumps(args)}",
