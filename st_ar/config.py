@@ -68,6 +68,9 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp (shards student and teacher; for XXL and 3B)
     compile: bool = False  # torch.compile the student
     activation_checkpointing: bool = False
+    sample_every: int = 0  # write a sample grid (OUT/samples/step_N.png, TensorBoard) every N steps; 0: never
+    sample_tokenizer: str = ""  # VQ checkpoint that decodes the grid; default: the one the codes came from
+    sample_cfg_scale: float = 2.0
 
 
 @dataclass
@@ -94,6 +97,8 @@ class RunConfig:
         for name in ("log_every", "save_every", "steps"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
+        if self.train.sample_every < 0:
+            raise ValueError("train.sample_every must be >= 0 (0: no sample grids)")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     log = RunLogger(run_dir, enabled=dist_info.is_main)
     log.scalars(step, {"loss/ar": 5.1, "lr": 1e-4})
+    log.image(step, "samples", grid)  # (H, W, 3) uint8
     log.close()
 
 ``metrics.jsonl`` is always written (easy to read back in tests and scripts); TensorBoard event
@@ -41,6 +42,11 @@ class RunLogger:
         if self.writer is not None:
             for k, v in clean.items():
                 self.writer.add_scalar(k, v, step)
+
+    def image(self, step: int, tag: str, image) -> None:
+        """An (H, W, 3) uint8 array to TensorBoard (the caller writes its own PNG)."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -134,6 +134,44 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mnist_codes, tmp_
             assert torch.equal(a[k], b[k]), k
 
 
+def test_sample_grids_during_training_leave_the_run_unchanged(mnist_codes, tmp_path):
+    from PIL import Image
+
+    plain, watched = tmp_path / "plain", tmp_path / "watched"
+    train(debug_cfg(mnist_codes, plain, "train.steps=5"))
+    # the tokenizer comes from the codes' meta.json; steps 2, 4 and the last one (5) get a grid
+    train(debug_cfg(mnist_codes, watched, "train.steps=5", "train.sample_every=2"))
+    grids = sorted(p.name for p in (watched / "samples").iterdir())
+    assert grids == ["step_000002.png", "step_000004.png", "step_000005.png"]
+    # 8 classes x 2 rows of 16-pixel images with 2-pixel padding
+    assert np.asarray(Image.open(watched / "samples/step_000005.png")).shape == (2 * 18 + 2, 8 * 18 + 2, 3)
+    assert not np.array_equal(
+        np.asarray(Image.open(watched / "samples/step_000002.png")),
+        np.asarray(Image.open(watched / "samples/step_000005.png")),
+    )
+    # sampling has its own generator and eval mode: weights, optimizer and random streams are untouched
+    a, _ = state_tensors(plain / "checkpoints/last.pt")
+    b, _ = state_tensors(watched / "checkpoints/last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rng_a = read_checkpoint(plain / "checkpoints/last.pt")["rng"]
+    rng_b = read_checkpoint(watched / "checkpoints/last.pt")["rng"]
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(rng_a, rng_b) for k in x)
+
+
+def test_sample_grids_need_a_tokenizer_that_exists(mnist_codes, tmp_path):
+    cfg = debug_cfg(
+        mnist_codes,
+        tmp_path / "run",
+        "train.steps=2",
+        "train.sample_every=1",
+        f"train.sample_tokenizer={tmp_path / 'missing.pt'}",
+    )
+    with pytest.raises(FileNotFoundError, match="missing.pt.*train.sample_tokenizer"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_resume_refuses_changed_settings(mnist_codes, tmp_path):
     from st_ar.models.loading import CheckpointError
 
@@ -208,6 +246,16 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(mnist_codes, tmp_pa
         check=True,
     )
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    # rank 0 wrote the grid sampled between the two steps, from the same weights as one process:
+    # a token drawn right at a probability boundary may flip in one image, not in most of them
+    from PIL import Image
+
+    grids = [
+        np.asarray(Image.open(tmp_path / run / "samples" / "step_000001.png"))
+        for run in ("samples-ddp-1", f"samples-{parallel}-2")
+    ]
+    tiles = [[g[2 + r * 18 : r * 18 + 18, 2 + c * 18 : c * 18 + 18] for r in range(2) for c in range(8)] for g in grids]
+    assert sum(np.array_equal(x, y) for x, y in zip(*tiles)) >= 14
     # Adam divides by the gradient's own scale, so summation-order noise in tiny gradients shows
     # up as ~1e-5 in the weights; a real difference (another batch, other initial weights) moves
     # them by the step size, 1e-3 per step

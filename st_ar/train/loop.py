@@ -6,7 +6,8 @@ or on many GPUs through torchrun:
     setup -> (resume) -> [train_step -> EMA -> log -> checkpoint]* -> final checkpoint -> close
 
 A run folder holds config.json, metrics.jsonl, tensorboard/, checkpoints/last.pt (everything
-needed to resume) and, at the end, model.pt / ema.pt (GPT checkpoints `st-ar sample` reads).
+needed to resume), samples/step_N.png when train.sample_every is set, and, at the end, model.pt /
+ema.pt (GPT checkpoints `st-ar sample` reads).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from ..runlog import RunLogger
 from ..teacher import build_teacher, ema_schedule, update_ema
 from . import NonFiniteLoss
 from .parallel import full_tensor, shard_model
+from .preview import Previewer
 from .sampler import EpochSampler
 
 CHECKPOINT_NAME = "last.pt"
@@ -352,6 +354,9 @@ RESUMABLE_CHANGES = {
     ("data", "codes"),
     ("train", "out_dir"),
     ("train", "compile"),
+    ("train", "sample_every"),  # previews never touch the weights or the random streams
+    ("train", "sample_tokenizer"),
+    ("train", "sample_cfg_scale"),
 }
 
 
@@ -398,6 +403,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
     log = RunLogger(out, enabled=dist_info.is_main)
+    previewer = Previewer(cfg, loader.dataset.meta, state.student.config, dist_info.device, dist_info.is_main)
     accum = cfg.optim.grad_accum
     seqs_per_step = cfg.optim.batch_size * cfg.objective.num_views
     tokens_per_step = seqs_per_step * state.student.config.block_size
@@ -439,6 +445,8 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
                             {k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("loss/")}
                         )
                     bar.update(1)
+                    if previewer.due(state.step, cfg.train.steps):
+                        previewer(state.student, state.step, state.autocast, log)
                     if state.step % cfg.train.save_every == 0:
                         save_checkpoint(state)
                     if any_rank(stop.requested or state.step == stop_at, dist_info.device):
