@@ -141,3 +141,19 @@ def test_eval_domain_command_reads_the_labels_stored_with_the_samples(tmp_path):
     assert right["class_accuracy"] > 0.8 and wrong["class_accuracy"] < 0.2
     assert right["domain_fid"] == pytest.approx(wrong["domain_fid"])  # the images are the same
     assert main([*common, "--samples", str(tmp_path / "none.npz")]) == 2  # no labels anywhere: a clear error
+
+
+def test_max_samples_takes_a_fixed_random_subset_not_the_first_classes():
+    from st_ar.commands.eval import _subset
+
+    # 10 classes x 10 images, written class by class as `st-ar sample` does; image i holds its index
+    images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
+    picked = _subset(images, 20)
+    classes = picked[:, 0, 0, 0] // 10
+    assert len(picked) == 20 and len(set(classes.tolist())) >= 6  # the first 20 would be classes 0 and 1
+    assert np.all(np.diff(picked[:, 0, 0, 0].astype(int)) > 0)  # distinct, in file order
+    assert np.array_equal(picked, _subset(images, 20))  # the same subset every time
+    assert np.array_equal(_subset(list(images), 20), list(picked))  # lists (datasets) get the same one
+    assert _subset(images, 100) is images and _subset(images, None) is images
+    with pytest.raises(ValueError, match="max-samples"):
+        _subset(images, 0)

@@ -33,7 +33,12 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-split", default="test", help="split of a dataset --ref (default test)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--inception", metavar="PATH", help="TorchScript network instead of the bundled InceptionV3")
-    p.add_argument("--max-samples", type=int, metavar="N", help="use only the first N samples (and N references)")
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        metavar="N",
+        help="use a random N of the samples (and of the references); the same N for the same file",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     p.add_argument("--no-cache", action="store_true", help="recompute the reference statistics")
     p.add_argument("--out", help="write the metrics as JSON here")
@@ -124,10 +129,19 @@ def load_samples(path: str):
     return images[..., None] if images.ndim == 3 else images
 
 
-def _first(images, n: int | None):
+def _subset_tag(n: int | None) -> str:
+    return "all" if n is None else f"random{n}"
+
+
+def _subset(images, n: int | None):
+    """A fixed random n of ``images`` (kept in order): sample files are often written class by class,
+    so the first n would cover only the first classes."""
     if n is None or n >= len(images):
         return images
-    return images[:n] if isinstance(images, np.ndarray) else [images[i] for i in range(n)]
+    if n < 1:
+        raise ValueError(f"--max-samples must be >= 1, got {n}")
+    keep = np.sort(np.random.default_rng(0).choice(len(images), n, replace=False))
+    return images[keep] if isinstance(images, np.ndarray) else [images[int(i)] for i in keep]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,17 +164,17 @@ def _reference(args, model, info) -> tuple[dict[str, np.ndarray], str]:
                 if {"mu_s", "sigma_s"} <= keys:
                     stats.update(mu_s=z["mu_s"], sigma_s=z["sigma_s"])
                 return stats, "precomputed mu/sigma"
-        source_id = f"npz:{file_identity(ref)}:{args.max_samples}"
+        source_id = f"npz:{file_identity(ref)}:{_subset_tag(args.max_samples)}"
 
         def images():
-            return _first(load_samples(ref), args.max_samples)
+            return _subset(load_samples(ref), args.max_samples)
 
     else:
         source = file_identity(ref) if os.path.isdir(ref) else ref.lower()
-        source_id = f"dataset:{source}:{args.ref_split}:{args.max_samples}"
+        source_id = f"dataset:{source}:{args.ref_split}:{_subset_tag(args.max_samples)}"
 
         def images():
-            return _first(DatasetImages(ref, args.ref_split), args.max_samples)
+            return _subset(DatasetImages(ref, args.ref_split), args.max_samples)
 
     if args.no_cache:
         source_id += f":nocache{os.getpid()}"
@@ -175,7 +189,7 @@ def run_fid(args: argparse.Namespace) -> None:
     info = init_distributed(args.device)
     try:
         model = InceptionFeatures(args.inception, device=info.device)
-        samples = _first(load_samples(args.samples), args.max_samples)
+        samples = _subset(load_samples(args.samples), args.max_samples)
         ref, ref_from = _reference(args, model, info)
         feats = compute_features(model, samples, args.batch_size, info, desc="samples")
     finally:
