@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ..data.datasets import open_dataset
@@ -50,6 +50,7 @@ from ..models.loading import CheckpointError, atomic_save, read_checkpoint
 from ..models.vq import QuantizerOutput, VQConfig, VQModel
 from ..runlog import RunLogger
 from ..train import NonFiniteLoss
+from ..train.sampler import EpochSampler
 from .losses import (
     PatchDiscriminator,
     PerceptualLoss,
@@ -272,15 +273,16 @@ class TokenizerImages(Dataset):
 class StepBatches(Sampler[list[int]]):
     """This rank's index batches for the steps [start, stop).
 
-    Step s belongs to epoch s // batches_per_epoch; each epoch's order is DistributedSampler's
-    (seeded shuffle, dealt out to the ranks, ragged tail dropped). Any step's batch is a function
-    of (seed, step, world size) alone, which is what makes a resumed run continue exactly.
+    Step s belongs to epoch s // batches_per_epoch; each epoch's order is the GPT trainer's
+    EpochSampler (seeded shuffle, dealt out to the ranks, ragged tail dropped). Any step's batch
+    is a function of (seed, step, world size) alone, which is what makes a resumed run continue
+    exactly.
     """
 
     def __init__(self, size: int, batch: int, *, start: int, stop: int, seed: int, rank: int = 0, world: int = 1):
-        self.size, self.batch, self.start, self.stop = size, batch, start, stop
-        self.seed, self.rank, self.world = seed, rank, world
-        self.per_epoch = (size // world) // batch  # batches per rank per epoch
+        self.batch, self.start, self.stop = batch, start, stop
+        self.epochs = EpochSampler(size, rank=rank, world_size=world, seed=seed)
+        self.per_epoch = self.epochs.per_rank // batch  # batches per rank per epoch
         if self.per_epoch == 0:
             raise ValueError(
                 f"the training set has {size} images: too few for a batch of {batch} on each of {world} rank(s)"
@@ -294,11 +296,8 @@ class StepBatches(Sampler[list[int]]):
         for step in range(self.start, self.stop):
             e, i = divmod(step, self.per_epoch)
             if e != epoch:
-                sampler = DistributedSampler(
-                    range(self.size), num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.seed
-                )
-                sampler.set_epoch(e)
-                epoch, order = e, list(sampler)
+                self.epochs.set_epoch(e)
+                epoch, order = e, list(self.epochs)
             yield order[i * self.batch : (i + 1) * self.batch]
 
 
