@@ -17,8 +17,9 @@ the same steps on the same images per step, with seeds 0 and 1:
     baseline-ec    the baseline trained for ST-AR's wall-clock time (equal compute): ST-AR sees two views
                    per image and runs a teacher, so "same steps" hides a cost difference
 
-and on Fashion-MNIST, seed 0, the mask-ratio sweep (0.15, 0.25, 0.35, 0.45) and the contrastive-layer
-sweep (1/4, 1/2, 3/4 and all of the depth); 0.25 and 1/2 are the star run itself.
+and on Fashion-MNIST, seed 0, the mask-ratio sweep (0.15, 0.25, 0.35, 0.45), the contrastive-layer
+sweep (1/4, 1/2, 3/4 and all of the depth) and the teacher's EMA decay (cosine schedules 0.9 -> 0.99,
+0.99 -> 0.999, 0.999 -> 0.9999); 0.25, 1/2 and 0.99 -> 0.999 are the star run itself.
 
 Each finished run writes benchmarks/results/<dataset>/<run>.json (settings, cost, metrics, probe
 curve) and, for seed 0, a 10x10 sample grid; those files are the state of the sweep. With --commit
@@ -85,12 +86,17 @@ VARIANTS = {
 }
 
 
+# cosine EMA schedules besides the preset's 0.99 -> 0.999 (the star run)
+EMA_SCHEDULES = {"ema-fast": (0.9, 0.99), "ema-slow": (0.999, 0.9999)}
+
+
 @dataclass
 class Run:
     dataset: str
     name: str  # e.g. star-s0, mask0.35-s0
     seed: int
     objective: dict
+    teacher: dict = dataclasses.field(default_factory=dict)  # TeacherConfig fields other than the preset's
     steps: int = STEPS
     equal_compute: bool = False
     grid: bool = False  # keep a sample grid in the results
@@ -124,6 +130,10 @@ def plan() -> list[Run]:
             for quarter in (1, 3, 4):
                 layer = DEPTH * quarter // 4
                 runs.append(Run(dataset, f"layer{quarter}of4-s0", 0, dict(star, contrastive_layer=layer)))
+    # the teacher's EMA, last: added after the rest had run, to test the stale-teacher explanation
+    for dataset in DATASETS[:1]:
+        for name, (start, end) in EMA_SCHEDULES.items():
+            runs.append(Run(dataset, f"{name}-s0", 0, dict(VARIANTS["star"]), dict(ema_start=start, ema_decay=end)))
     return runs
 
 
@@ -173,6 +183,7 @@ def run_config(run: Run, codes: str, out: str, steps: int):
     meta = read_codes_meta(codes)
     base = preset("demo-mnist-star")
     objective = [f"objective.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in run.objective.items()]
+    teacher = [f"teacher.{k}={v}" for k, v in run.teacher.items()]
     # the star preset with the baseline's objective builds no teacher or projector
     return apply_overrides(
         base,
@@ -190,6 +201,7 @@ def run_config(run: Run, codes: str, out: str, steps: int):
             f"train.seed={run.seed}",
             f"train.out_dir={out}",
             *objective,
+            *teacher,
         ],
     )
 
@@ -273,6 +285,7 @@ def execute(run: Run, work: str) -> dict:
         "variant": run.name.rsplit("-s", 1)[0],
         "seed": run.seed,
         "objective": run.objective,
+        "teacher": dataclasses.asdict(cfg.teacher),
         "steps": steps,
         "images_per_step": IMAGES_PER_STEP,
         "sequences_per_step": seqs_per_step,

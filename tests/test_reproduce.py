@@ -25,6 +25,7 @@ def test_plan_has_every_ablation_row_sweep_and_seed():
     assert runs["fashion-mnist/layer1of4-s0"].objective["contrastive_layer"] == 1
     assert runs["fashion-mnist/mask0.45-s0"].objective["mask_ratio"] == 0.45
     assert runs["fashion-mnist/baseline-ec-s1"].equal_compute
+    assert runs["fashion-mnist/ema-fast-s0"].teacher == {"ema_start": 0.9, "ema_decay": 0.99}
     # the main comparison comes first, so a partial sweep answers it
     assert [r.name for r in reproduce.plan()[:3]] == ["baseline-s0", "star-s0", "baseline-ec-s0"]
 
@@ -61,6 +62,12 @@ def test_each_variant_trains_the_losses_its_name_says(tiny_codes, tmp_path):
         assert (o.mim, o.step, o.view, o.num_views) == (mim, step, view, views), variant
         assert cfg.optim.batch_size == reproduce.IMAGES_PER_STEP and cfg.train.steps == 5
         assert cfg.model.name == reproduce.MODEL and cfg.model.args["resid_dropout_p"] == 0.0
+        assert (cfg.teacher.ema_schedule, cfg.teacher.ema_start, cfg.teacher.ema_decay) == ("cosine", 0.99, 0.999)
+    slow = reproduce.Run(
+        "mnist", "ema-slow-s0", 0, dict(reproduce.VARIANTS["star"]), {"ema_start": 0.999, "ema_decay": 0.9999}
+    )
+    cfg = reproduce.run_config(slow, tiny_codes, str(tmp_path / "slow"), steps=5)
+    assert (cfg.teacher.ema_schedule, cfg.teacher.ema_start, cfg.teacher.ema_decay) == ("cosine", 0.999, 0.9999)
 
 
 def _fake_result(run, fid, probe_last):
