@@ -172,8 +172,9 @@ def write_results(runs) -> None:
     layers = [("layer1of4-s0", f"1 of {depth}"), ("star-s0", f"{depth // 2} of {depth}")]
     layers += [("layer3of4-s0", f"3 of {depth}"), ("layer4of4-s0", f"{depth} of {depth}")]
     body += sweep_table(results, "fashion-mnist", layers, "layer") + [""]
-    body += ["### Teacher EMA decay, cosine schedule (fashion-mnist, ST-AR, seed 0)", ""]
+    body += ["### Teacher EMA decay, cosine schedule (fashion-mnist, ST-AR, seed 0 unless noted)", ""]
     emas = [("ema-fast-s0", "0.9 → 0.99"), ("star-s0", "0.99 → 0.999"), ("ema-slow-s0", "0.999 → 0.9999")]
+    emas += [("ema-fast-s1", "0.9 → 0.99, seed 1"), ("star-s1", "0.99 → 0.999, seed 1")]
     body += sweep_table(results, "fashion-mnist", emas, "EMA decay") + ["", END]
 
     text = open(DOC).read() if os.path.isfile(DOC) else f"# Results\n\n{START}\n{END}\n"
