@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from reproduce import RESULTS, ROOT, Evaluator, data_config, sample_run  # noqa: E402
+from reproduce import RESULTS, ROOT, Evaluator, data_config, prepare_data, sample_run  # noqa: E402
 
 
 def main() -> None:
@@ -28,13 +28,12 @@ def main() -> None:
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "reproduce"))
     args = p.parse_args()
 
-    base = os.path.join(args.work, args.dataset)
-    data = {split: os.path.join(base, "codes", split) for split in ("train", "test")}
-    tokenizer = os.path.join(base, "tokenizer", "tokenizer.pt")
+    data = prepare_data(args.dataset, args.work)  # the sweep's tokenizer and codes (already built)
+    tokenizer = data["tokenizer"]
     evaluator = Evaluator(data_config(args.dataset), data["train"], data["test"])
     rows = []
     for name in args.runs.split(","):
-        run = os.path.join(base, "runs", name)
+        run = os.path.join(args.work, args.dataset, "runs", name)
         weights = ["model.pt"] + (["ema.pt"] if os.path.isfile(os.path.join(run, "ema.pt")) else [])
         seed = int(name.rsplit("-s", 1)[1])
         for w in weights:
