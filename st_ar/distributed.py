@@ -10,6 +10,7 @@ works without torchrun.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def cleanup_distributed() -> None:
     if dist.is_initialized():
+        # collect unreachable DDP wrappers while their group still exists: a DDP reducer that was
+        # still alive when the gloo group was destroyed has aborted its rank at interpreter exit
+        gc.collect()
         dist.destroy_process_group()
 
 
