@@ -170,8 +170,8 @@ def write_results(runs) -> None:
         if grids_figure(dataset, grids_png):
             body += [f"![samples, {dataset}](results/samples_{dataset}.png)", ""]
 
-    def seeds(name: str, only=SEEDS) -> list[str]:  # the runs of one setting, e.g. mask0.15-s0, mask0.15-s1
-        return [f"{name}-s{s}" for s in only]
+    def seeds(name: str) -> list[str]:  # the runs of one setting, e.g. mask0.15-s0, mask0.15-s1
+        return [f"{name}-s{s}" for s in SEEDS]
 
     body += ["### Mask ratio (fashion-mnist, ST-AR)", ""]
     masks = [("0.15", seeds("mask0.15")), ("0.25", seeds("star")), ("0.35", seeds("mask0.35"))]
@@ -183,11 +183,10 @@ def write_results(runs) -> None:
     body += sweep_table(results, "fashion-mnist", layers, "layer") + [""]
     body += ["### Teacher EMA decay, cosine schedule (fashion-mnist, ST-AR)", ""]
     emas = [("0.9 → 0.99", seeds("ema-fast")), ("0.99 → 0.999", seeds("star"))]
-    emas += [("0.999 → 0.9999", seeds("ema-slow", only=(0,)))]
+    emas += [("0.999 → 0.9999", seeds("ema-slow"))]
     body += sweep_table(results, "fashion-mnist", emas, "EMA decay") + [""]
     body += ["### Steps contrasted per sequence, K (fashion-mnist, ST-AR)", ""]
-    ks = [("2", seeds("k2", only=(0,))), ("4", seeds("star")), ("8", seeds("k8", only=(0,)))]
-    ks += [("16", seeds("k16", only=(0,)))]
+    ks = [(str(k), seeds(f"k{k}") if k != 4 else seeds("star")) for k in (2, 4, 8, 16)]
     body += sweep_table(results, "fashion-mnist", ks, "K") + [""]
     body += ["### Both changes that helped: mask ratio 0.15 and the 0.9 → 0.99 teacher (fashion-mnist)", ""]
     combined = [("LlamaGen baseline", seeds("baseline")), ("ST-AR, paper settings", seeds("star"))]
