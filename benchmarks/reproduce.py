@@ -59,6 +59,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 DATASETS = ("fashion-mnist", "mnist")
 SEEDS = (0, 1)
 
+PRESET = "demo-mnist-star"  # every run's settings before the changes below
 MODEL = "GPT-T"  # 4 blocks, width 128, no dropout: the demo-mnist-* presets
 DEPTH = GPT_PRESETS[MODEL]["n_layer"]
 STEPS = 800
@@ -90,6 +91,10 @@ VARIANTS = {
 
 # cosine EMA schedules besides the preset's 0.99 -> 0.999 (the star run)
 EMA_SCHEDULES = {"ema-fast": dict(ema_start=0.9, ema_decay=0.99), "ema-slow": dict(ema_start=0.999, ema_decay=0.9999)}
+# the Fashion-MNIST sweeps' values besides the star run's (mask 0.25, layer 2 of 4, K = 4)
+MASK_RATIOS = (0.15, 0.35, 0.45)
+LAYER_QUARTERS = (1, 3, 4)  # contrastive layer DEPTH * q // 4
+CONTRASTED_STEPS = (2, 8, 16)
 
 
 @dataclass
@@ -116,42 +121,38 @@ def plan() -> list[Run]:
     """Every run, in the order the sweep takes them: the main comparison first, so a partial sweep
     already answers the main question."""
 
-    def ema(name: str, seed: int) -> Run:  # ST-AR on the main set with another teacher schedule
-        return Run(DATASETS[0], f"{name}-s{seed}", seed, dict(VARIANTS["star"]), dict(EMA_SCHEDULES[name]))
-
     def variant(dataset: str, name: str, seed: int) -> Run:
         if name == "baseline-ec":
             return Run(dataset, f"{name}-s{seed}", seed, dict(BASELINE), equal_compute=True, grid=seed == 0)
         return Run(dataset, f"{name}-s{seed}", seed, dict(VARIANTS[name]), grid=seed == 0)
 
+    def star(name: str, seed: int, teacher: str = "", **objective) -> Run:  # ST-AR on the main set, changed
+        teacher_changes = dict(EMA_SCHEDULES[teacher]) if teacher else {}
+        return Run(DATASETS[0], f"{name}-s{seed}", seed, dict(VARIANTS["star"], **objective), teacher_changes)
+
+    def masks(seed: int) -> list[Run]:
+        return [star(f"mask{ratio}", seed, mask_ratio=ratio) for ratio in MASK_RATIOS]
+
+    def layers(seed: int) -> list[Run]:
+        return [star(f"layer{q}of4", seed, contrastive_layer=DEPTH * q // 4) for q in LAYER_QUARTERS]
+
+    def contrasted_steps(seed: int) -> list[Run]:  # the paper's fourth sweep, K
+        return [star(f"k{k}", seed, num_steps=k) for k in CONTRASTED_STEPS]
+
     runs = []
     for dataset in DATASETS:
         runs += [variant(dataset, name, seed) for seed in SEEDS for name in ("baseline", "star", "baseline-ec")]
         runs += [variant(dataset, name, seed) for seed in SEEDS for name in ("mim", "mim-step", "mim-view")]
-        if dataset == "fashion-mnist":
-            star = VARIANTS["star"]
-            for ratio in (0.15, 0.35, 0.45):
-                runs.append(Run(dataset, f"mask{ratio}-s0", 0, dict(star, mask_ratio=ratio)))
-            for quarter in (1, 3, 4):
-                layer = DEPTH * quarter // 4
-                runs.append(Run(dataset, f"layer{quarter}of4-s0", 0, dict(star, contrastive_layer=layer)))
-            runs.append(ema("ema-fast", 0))  # tests the stale-teacher explanation
+        if dataset == DATASETS[0]:
+            # the faster teacher tests the stale-teacher explanation
+            runs += masks(0) + layers(0) + [star("ema-fast", 0, teacher="ema-fast")]
     # then: a second seed of the faster teacher (it moved FID the most), the slower teacher
-    runs += [ema("ema-fast", 1), ema("ema-slow", 0)]
+    runs += [star("ema-fast", 1, teacher="ema-fast"), star("ema-slow", 0, teacher="ema-slow")]
     # last: the two settings that helped, together (the faster teacher and the lowest mask ratio),
     # and second seeds of the one-seed sweeps, whose differences are of the order of the seed spread
-    star = VARIANTS["star"]
-    fashion = DATASETS[0]
-    for seed in SEEDS:
-        name = f"mask0.15-ema-fast-s{seed}"
-        runs.append(Run(fashion, name, seed, dict(star, mask_ratio=0.15), dict(EMA_SCHEDULES["ema-fast"])))
-    runs += [Run(fashion, f"mask{ratio}-s1", 1, dict(star, mask_ratio=ratio)) for ratio in (0.15, 0.35, 0.45)]
-    for quarter in (1, 3, 4):
-        runs.append(Run(fashion, f"layer{quarter}of4-s1", 1, dict(star, contrastive_layer=DEPTH * quarter // 4)))
-    # the paper's fourth sweep: K, the steps contrasted per sequence (4 is the star run)
-    runs += [Run(fashion, f"k{k}-s0", 0, dict(star, num_steps=k)) for k in (2, 8, 16)]
-    # and second seeds of the last one-seed runs
-    return runs + [Run(fashion, f"k{k}-s1", 1, dict(star, num_steps=k)) for k in (2, 8, 16)] + [ema("ema-slow", 1)]
+    runs += [star("mask0.15-ema-fast", seed, teacher="ema-fast", mask_ratio=0.15) for seed in SEEDS]
+    runs += masks(1) + layers(1) + contrasted_steps(0) + contrasted_steps(1)
+    return runs + [star("ema-slow", 1, teacher="ema-slow")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def run_config(run: Run, codes: str, out: str, steps: int):
     from st_ar.data.codes import read_codes_meta
 
     meta = read_codes_meta(codes)
-    base = preset("demo-mnist-star")
+    base = preset(PRESET)
     objective = [f"objective.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in run.objective.items()]
     teacher = [f"teacher.{k}={v}" for k, v in run.teacher.items()]
     # the star preset with the baseline's objective builds no teacher or projector

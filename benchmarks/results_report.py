@@ -155,7 +155,8 @@ def _grid(dataset: str, variant: str) -> str:
 
 
 def write_results(runs) -> None:
-    from reproduce import DATASETS, DEPTH, SEEDS  # benchmarks/reproduce.py
+    # from benchmarks/reproduce.py
+    from reproduce import CONTRASTED_STEPS, DATASETS, DEPTH, LAYER_QUARTERS, MASK_RATIOS, PRESET, SEEDS, preset
 
     results = load(runs)
     os.makedirs(FIGURES, exist_ok=True)
@@ -173,20 +174,26 @@ def write_results(runs) -> None:
     def seeds(name: str) -> list[str]:  # the runs of one setting, e.g. mask0.15-s0, mask0.15-s1
         return [f"{name}-s{s}" for s in SEEDS]
 
+    def sweep_rows(runs: dict, star_value, label=str) -> list[tuple[str, list[str]]]:
+        """The rows of one sweep, by value: ``runs`` maps each value to its run name; the star run has star_value."""
+        runs = {**runs, star_value: "star"}
+        return [(label(v), seeds(runs[v])) for v in sorted(runs)]
+
+    star = preset(PRESET).objective  # each sweep changes one setting of the star run
     body += ["### Mask ratio (fashion-mnist, ST-AR)", ""]
-    masks = [("0.15", seeds("mask0.15")), ("0.25", seeds("star")), ("0.35", seeds("mask0.35"))]
-    masks += [("0.45", seeds("mask0.45"))]
+    masks = sweep_rows({r: f"mask{r}" for r in MASK_RATIOS}, star.mask_ratio)
     body += sweep_table(results, "fashion-mnist", masks, "mask ratio") + [""]
     body += ["### Contrastive layer (fashion-mnist, ST-AR)", ""]
-    layers = [(f"{DEPTH * q // 4} of {DEPTH}", seeds(f"layer{q}of4")) for q in (1, 3, 4)]
-    layers.insert(1, (f"{DEPTH // 2} of {DEPTH}", seeds("star")))
+    layers = sweep_rows(
+        {DEPTH * q // 4: f"layer{q}of4" for q in LAYER_QUARTERS}, DEPTH // 2, lambda v: f"{v} of {DEPTH}"
+    )
     body += sweep_table(results, "fashion-mnist", layers, "layer") + [""]
     body += ["### Teacher EMA decay, cosine schedule (fashion-mnist, ST-AR)", ""]
     emas = [("0.9 → 0.99", seeds("ema-fast")), ("0.99 → 0.999", seeds("star"))]
     emas += [("0.999 → 0.9999", seeds("ema-slow"))]
     body += sweep_table(results, "fashion-mnist", emas, "EMA decay") + [""]
     body += ["### Steps contrasted per sequence, K (fashion-mnist, ST-AR)", ""]
-    ks = [(str(k), seeds(f"k{k}") if k != 4 else seeds("star")) for k in (2, 4, 8, 16)]
+    ks = sweep_rows({k: f"k{k}" for k in CONTRASTED_STEPS}, star.num_steps)
     body += sweep_table(results, "fashion-mnist", ks, "K") + [""]
     body += ["### Both changes that helped: mask ratio 0.15 and the 0.9 → 0.99 teacher (fashion-mnist)", ""]
     combined = [("LlamaGen baseline", seeds("baseline")), ("ST-AR, paper settings", seeds("star"))]
