@@ -8,6 +8,7 @@ import sys
 from .commands import demo, extract, sample, tokenizer, train, viz
 from .commands import eval as eval_cmd
 from .models.loading import CheckpointError
+from .runfolder import describe_os_error
 from .train import NonFiniteLoss
 
 COMMANDS = {
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError) as e:
         # bad input: say what is wrong, without a stack trace from deep inside torch
         print(f"st-ar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # the file system said no (full disk, permissions, a file where a folder should be)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"st-ar {args.command}: error: {where}{describe_os_error(e)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:  # training stopped on NaN; the message says what was kept
         print(f"st-ar {args.command}: error: {e}", file=sys.stderr)
