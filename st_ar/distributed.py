@@ -95,6 +95,15 @@ def all_gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), dist.get_rank() * t.shape[0]
 
 
+def broadcast_from_main(obj, info: DistInfo):
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself when running alone."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is True on at least one (so all ranks stop together)."""
     if not dist.is_initialized():

@@ -20,6 +20,7 @@ rows are flushed to disk, so a killed run resumes where it stopped (settings mus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,8 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..distributed import DistInfo, barrier
+from ..distributed import DistInfo, barrier, broadcast_from_main
 from ..models.vq import VQModel
+from ..runfolder import FolderLock, prepare_output_dir, remove_stale_temp_files
 from .datasets import CorruptImageError, ImageDataset
 from .transforms import CROP_SETS, crops_for_extraction, uint8_to_unit
 
@@ -81,7 +83,7 @@ def read_codes_meta(folder: str | os.PathLike, *, require_complete: bool = True)
     return meta
 
 
-def check_codes_match(meta: dict[str, Any], vocab_size: int, block_size: int) -> None:
+def check_codes_match(meta: dict[str, Any], vocab_size: int, block_size: int, num_classes: int | None = None) -> None:
     """Refuse, before training starts, codes that do not fit the model (a GPT would index out of range or
     learn the wrong grid)."""
     if meta["vocab_size"] != vocab_size:
@@ -89,12 +91,46 @@ def check_codes_match(meta: dict[str, Any], vocab_size: int, block_size: int) ->
             f"codes use vocabulary {meta['vocab_size']}, model {vocab_size}: extract the codes with the tokenizer "
             f"the model is meant for, or set the model's vocab_size to {meta['vocab_size']}"
         )
+    if num_classes is not None and meta.get("num_classes") is not None and meta["num_classes"] > num_classes:
+        raise ValueError(
+            f"codes have {meta['num_classes']} classes but the model only {num_classes}: set the model's "
+            f"num_classes to at least {meta['num_classes']} (model.args)"
+        )
     if meta["seq_len"] != block_size:
         h, w = meta["grid"]
         raise ValueError(
             f"sequence length {meta['seq_len']} ({h}x{w} grid at image size {meta['image_size']}) vs model "
             f"block_size {block_size}"
         )
+
+
+# What makes two extraction folders the same codes: a resumed run must train on the codes it started
+# on (a copy moved to another path is fine; another tokenizer, dataset or split is not).
+CODES_IDENTITY_KEYS = (
+    "tokenizer_sha256",
+    "dataset",
+    "split",
+    "count",
+    "num_classes",
+    "image_size",
+    "crop_ranges",
+    "crops",
+    "grid",
+    "vocab_size",
+)
+
+
+def codes_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta.get(k) for k in CODES_IDENTITY_KEYS}
+
+
+def codes_identity_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: stored vs current' for every identity key on which two extraction folders differ."""
+    return [
+        f"{k}: {_short(stored.get(k))} in the run, {_short(current.get(k))} now"
+        for k in CODES_IDENTITY_KEYS
+        if stored.get(k) != current.get(k)
+    ]
 
 
 def codes_dtype(codebook_size: int) -> np.dtype:
@@ -274,16 +310,6 @@ def _done_chunks(out: str) -> set[int]:
     return {int(n[6:-5]) for n in os.listdir(folder) if n.startswith("chunk-") and n.endswith(".json")}
 
 
-def _broadcast(obj: Any, info: DistInfo) -> Any:
-    if not info.distributed:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def extract_codes(
     dataset: ImageDataset,
     vq_ckpt: str | os.PathLike,
@@ -330,48 +356,55 @@ def extract_codes(
     if count < 1:
         raise ValueError(f"nothing to extract: {dataset!r} with limit {limit}")
 
-    # rank 0 creates or checks the folder; the others learn the outcome (or the error) from it
-    status = None
-    if info.is_main:
-        try:
-            meta = build_meta(
-                dataset=dataset,
-                count=count,
-                vq=vq,
-                tokenizer_sha256=file_sha256(vq_ckpt),
-                tokenizer_path=os.fspath(vq_ckpt),
-                image_size=image_size,
-                crop_ranges=crop_ranges,
-                crops=crops,
-                chunk_size=chunk_size,
-                on_corrupt=on_corrupt,
-            )
-            status = ("ok", _prepare_folder(out, meta, dataset.labels()[:count]), meta)
-        except (ValueError, OSError) as e:
-            status = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e), None)
-    status = _broadcast(status, info)
-    if status[0] == "error":
-        raise ValueError(status[1])
-    _, state, meta = status
-    start = time.perf_counter()
-    if state == "complete":
-        return ExtractReport(meta["num_chunks"], meta["num_chunks"], 0, 0, [], 0.0)
+    # rank 0 creates or checks the folder and holds its lock until this call returns (a second extraction
+    # into `out` is refused); the others learn the outcome, or the error, from it
+    with contextlib.closing(FolderLock(out, "--out")) as lock:
+        status = None
+        if info.is_main:
+            try:
+                prepare_output_dir(out, "--out")
+                lock.acquire()
+                remove_stale_temp_files(out, os.path.join(out, "done"))
+                meta = build_meta(
+                    dataset=dataset,
+                    count=count,
+                    vq=vq,
+                    tokenizer_sha256=file_sha256(vq_ckpt),
+                    tokenizer_path=os.fspath(vq_ckpt),
+                    image_size=image_size,
+                    crop_ranges=crop_ranges,
+                    crops=crops,
+                    chunk_size=chunk_size,
+                    on_corrupt=on_corrupt,
+                )
+                status = ("ok", _prepare_folder(out, meta, dataset.labels()[:count]), meta)
+            except (ValueError, OSError) as e:
+                status = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e), None)
+        status = broadcast_from_main(status, info)
+        if status[0] == "error":
+            raise ValueError(status[1])
+        _, state, meta = status
+        start = time.perf_counter()
+        if state == "complete":
+            return ExtractReport(meta["num_chunks"], meta["num_chunks"], 0, 0, [], 0.0)
 
-    num_chunks = meta["num_chunks"]
-    done = _done_chunks(out)
-    pending = [c for c in range(num_chunks) if c not in done]
-    mine = pending[info.rank :: info.world_size]  # round-robin: every rank gets a share of what is left
-    batches = [
-        list(range(b, min(b + batch_size, (c + 1) * chunk_size, count)))
-        for c in mine
-        for b in range(c * chunk_size, min((c + 1) * chunk_size, count), batch_size)
-    ]
-    report = _encode_chunks(vq, dataset, out, meta, batches, info, num_workers, on_corrupt, progress, stop_after_chunks)
-    barrier()
-    if info.is_main:
-        _finish(out, meta)
-    barrier()
-    return ExtractReport(num_chunks, len(done), *report, time.perf_counter() - start)
+        num_chunks = meta["num_chunks"]
+        done = _done_chunks(out)
+        pending = [c for c in range(num_chunks) if c not in done]
+        mine = pending[info.rank :: info.world_size]  # round-robin: every rank gets a share of what is left
+        batches = [
+            list(range(b, min(b + batch_size, (c + 1) * chunk_size, count)))
+            for c in mine
+            for b in range(c * chunk_size, min((c + 1) * chunk_size, count), batch_size)
+        ]
+        report = _encode_chunks(
+            vq, dataset, out, meta, batches, info, num_workers, on_corrupt, progress, stop_after_chunks
+        )
+        barrier()
+        if info.is_main:
+            _finish(out, meta)
+        barrier()
+        return ExtractReport(num_chunks, len(done), *report, time.perf_counter() - start)
 
 
 def _encode_chunks(vq, dataset, out, meta, batches, info, num_workers, on_corrupt, progress, stop_after_chunks):

@@ -15,6 +15,7 @@ the training step calls ``drop_labels`` so that several views of one image share
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -122,7 +123,11 @@ class GPTConfig:
             args.pop(ignored, None)
         unknown = sorted(set(args) - fields)
         if unknown:
-            raise ValueError(f"unknown model argument(s) {unknown}; valid names: {sorted(fields)}")
+            hints = [
+                f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, fields, 1)) else repr(u)
+                for u in unknown
+            ]
+            raise ValueError(f"unknown model argument(s) {', '.join(hints)}; valid names: {', '.join(sorted(fields))}")
         return dataclasses.replace(base or cls(), **args)
 
 

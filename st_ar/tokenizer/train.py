@@ -48,6 +48,7 @@ from ..distributed import DistInfo, GracefulStop, all_reduce_mean, any_rank, cle
 from ..images import save_grid, to_uint8
 from ..models.loading import CheckpointError, atomic_save, read_checkpoint
 from ..models.vq import QuantizerOutput, VQConfig, VQModel
+from ..runfolder import lock_run_folder, remove_stale_temp_files
 from ..runlog import RunLogger
 from ..train import NonFiniteLoss
 from ..train.sampler import EpochSampler
@@ -768,7 +769,9 @@ def train(
     # took 6 s a step instead of 0.1 s. Flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
     try:
-        with deterministic_on_cpu(dist_info.device):
+        with deterministic_on_cpu(dist_info.device), lock_run_folder(config.out, "--out", dist_info):
+            if dist_info.is_main:
+                remove_stale_temp_files(config.out, os.path.dirname(checkpoint_path(config.out)))
             return _train(config, dist_info, resume, train_set, eval_set, stop_at)
     finally:
         torch.set_flush_denormal(False)  # the process default

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import RunConfig, to_dict
-from ..data.codes import check_codes_match
+from ..data.codes import check_codes_match, codes_identity, codes_identity_differences
 from ..data.views import CodesDataset
 from ..distributed import (
     DistInfo,
@@ -50,6 +50,7 @@ from ..distributed import (
 from ..models.gpt import GPT, GPTConfig, save_gpt
 from ..models.loading import CheckpointError, read_checkpoint
 from ..objectives.total import STARObjective, no_gather
+from ..runfolder import lock_run_folder, remove_stale_temp_files
 from ..runlog import RunLogger
 from ..teacher import build_teacher, ema_schedule, update_ema
 from . import NonFiniteLoss
@@ -94,6 +95,7 @@ class TrainState:
     shared_generator: torch.Generator  # the contrasted steps, identical on every rank
     ema_decay: Any  # step -> decay
     autocast: Any  # () -> context manager
+    codes: dict[str, Any] | None = None  # identity of the training codes (codes_identity), checked on resume
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -112,9 +114,12 @@ def build_model(cfg: RunConfig, codes_meta: dict | None = None) -> GPT:
     Either way the architecture is ``model.name`` updated with ``model.args``; a file that does
     not fit it is refused with the mismatch named.
     """
-    gpt_config = GPTConfig.from_name(cfg.model.name, **cfg.model.args)
+    try:
+        gpt_config = GPTConfig.from_model_args(cfg.model.args, GPTConfig.from_name(cfg.model.name))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model.name={cfg.model.name} model.args={json.dumps(cfg.model.args)}: {e}") from None
     if codes_meta is not None:
-        check_codes_match(codes_meta, gpt_config.vocab_size, gpt_config.block_size)
+        check_codes_match(codes_meta, gpt_config.vocab_size, gpt_config.block_size, gpt_config.num_classes)
     if cfg.model.init_from:
         return GPT.from_checkpoint(cfg.model.init_from, cfg.model.name, model_args=cfg.model.args)
     return GPT(gpt_config)
@@ -172,7 +177,8 @@ def build_state(cfg: RunConfig, dist_info: DistInfo, codes_meta: dict | None = N
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + dist_info.rank)
     shared = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + 999)
     ema = ema_schedule(cfg.teacher.ema_schedule, cfg.teacher.ema_decay, cfg.train.steps, cfg.teacher.ema_start)
-    return TrainState(cfg, dist_info, bundle, model, teacher, optimizer, generator, shared, ema, autocast)
+    codes = codes_identity(codes_meta) if codes_meta is not None else None
+    return TrainState(cfg, dist_info, bundle, model, teacher, optimizer, generator, shared, ema, autocast, codes)
 
 
 def build_loader(cfg: RunConfig, dist_info: DistInfo, dataset: CodesDataset) -> tuple[DataLoader, EpochSampler]:
@@ -294,6 +300,7 @@ def save_checkpoint(state: TrainState) -> str:
             data={"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch},
             rng=rng,
             run_config=to_dict(state.cfg),
+            codes=state.codes,
         )
     if state.dist.distributed:
         dist.barrier()
@@ -304,6 +311,14 @@ def load_checkpoint(state: TrainState, path: str) -> None:
     ckpt = read_checkpoint(path)
     stored = ckpt.get("run_config", {})
     _check_resumable(stored, to_dict(state.cfg), path)
+    if ckpt.get("codes") is not None and state.codes is not None:
+        diffs = codes_identity_differences(ckpt["codes"], state.codes)
+        if diffs:
+            raise CheckpointError(
+                f"{path} was trained on other codes than data.codes={state.cfg.data.codes}:\n  - "
+                + "\n  - ".join(diffs)
+                + "\nPoint data.codes at the run's own codes (a moved copy is fine), or start a new train.out_dir."
+            )
     opts = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(state.student, ckpt["model"], options=opts)
     if state.teacher is not None:
@@ -393,13 +408,23 @@ def train(cfg: RunConfig, *, stop_at: int | None = None) -> dict[str, Any]:
 
 
 def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str, Any]:
-    state, loader, sampler = setup(cfg, dist_info)
+    state, loader, sampler = setup(cfg, dist_info)  # checks settings, data and model: nothing written yet
+    out = cfg.train.out_dir
+    lock = lock_run_folder(out, "train.out_dir", dist_info)
+    try:
+        return _train_locked(cfg, dist_info, stop_at, state, loader, sampler)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg, dist_info, stop_at, state, loader, sampler) -> dict[str, Any]:
     out = cfg.train.out_dir
     ckpt = checkpoint_path(cfg)
+    if dist_info.is_main:
+        remove_stale_temp_files(out, os.path.dirname(ckpt))  # left by a save that was killed
     if os.path.exists(ckpt):
         load_checkpoint(state, ckpt)
     if dist_info.is_main:
-        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
     log = RunLogger(out, enabled=dist_info.is_main)
