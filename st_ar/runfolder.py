@@ -72,6 +72,8 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
+        if self._fd is not None:
+            return self  # already held by this object
         try:
             import fcntl
         except ImportError:
