@@ -1,7 +1,9 @@
-"""Loading LlamaGen GPT checkpoints as users have them, and refusing the ones that do not fit."""
+"""Loading LlamaGen GPT checkpoints as users have them, and refusing the ones that do not fit
+(damaged files, the other model's files)."""
 
 import argparse
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from test_gpt import golden_model
 
 from st_ar.models.gpt import GPT
 from st_ar.models.loading import CheckpointError
+from st_ar.models.vq import VQConfig, VQModel
 
 TINY_ARGS = {"vocab_size": 64, "block_size": 16, "num_classes": 10}
 
@@ -147,3 +150,68 @@ def test_own_checkpoint_round_trip_needs_no_architecture(gpt_golden, tmp_path):
     torch.testing.assert_close(loaded(gpt_golden["idx"], gpt_golden["cond_idx"]).logits, gpt_golden["logits_eval"])
     with pytest.raises(CheckpointError, match="another architecture"):
         GPT.from_checkpoint(tmp_path / "own.pt", "GPT-debug", model_args={**TINY_ARGS, "vocab_size": 128})
+
+
+def own_files(gpt_golden, tmp_path):
+    """Our GPT and VQ checkpoint files, as the two loaders read them."""
+    gpt, vq = tmp_path / "gpt.pt", tmp_path / "vq.pt"
+    golden_model(gpt_golden).save(gpt)
+    VQModel(VQConfig.from_name("VQ-debug")).save(vq)
+    return {"gpt": (gpt, GPT.from_checkpoint), "vq": (vq, VQModel.from_checkpoint)}
+
+
+@pytest.mark.parametrize("which", ["gpt", "vq"])
+@pytest.mark.parametrize("trust", [False, True])
+def test_empty_and_truncated_files_are_named_as_such(gpt_golden, tmp_path, which, trust):
+    path, load = own_files(gpt_golden, tmp_path)[which]
+    load(path)  # the whole file loads
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for size, expected in [(0, r"is empty \(0 bytes\): it was not written completely")] + [
+        (n, rf"is truncated \({n} bytes") for n in (2, 4, 100, len(data) // 2, len(data) - 1)
+    ]:
+        cut.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match=f"cut.pt {expected}"):
+            load(cut, trust=trust)  # told before unpickling, so trust changes nothing
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_damaged_files_of_the_old_format_are_not_checkpoints(gpt_golden, tmp_path, trust):
+    # the legacy (non-zip) torch.save format has no index at its end: torch.load finds the cut
+    path = tmp_path / "legacy.pt"
+    torch.save({"model": gpt_golden["checkpoint"]["model"]}, path, _use_new_zipfile_serialization=False)
+    assert isinstance(load_tiny(path), GPT)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for size in (1, 10, len(data) // 2, len(data) - 1):
+        cut.write_bytes(data[:size])
+        with pytest.warns(UserWarning) if trust else contextlib.nullcontext():
+            with pytest.raises(CheckpointError, match=r"cut.pt is not a readable torch checkpoint \(truncated"):
+                GPT.from_checkpoint(cut, "GPT-debug", model_args=TINY_ARGS, trust=trust)
+    for junk in (b"hello world, not a checkpoint", bytes(range(256))):
+        cut.write_bytes(junk)
+        with pytest.raises(CheckpointError, match="cut.pt is not a readable torch checkpoint"):
+            VQModel.from_checkpoint(cut, "VQ-debug")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        GPT.from_checkpoint(tmp_path, "GPT-debug")
+
+
+def test_a_vq_checkpoint_is_not_taken_for_a_gpt(gpt_golden, tmp_path):
+    vq_path = own_files(gpt_golden, tmp_path)["vq"][0]
+    llamagen_vq = tmp_path / "llamagen_vq.pt"
+    torch.save({"model": VQModel(VQConfig.from_name("VQ-debug")).state_dict(), "steps": 10}, llamagen_vq)
+    for path in (vq_path, llamagen_vq):
+        for args in ({}, {"name": "GPT-debug", "model_args": TINY_ARGS}):
+            with pytest.raises(CheckpointError, match=f"{path.name} is a VQ tokenizer checkpoint, not a GPT.*vq-ckpt"):
+                GPT.from_checkpoint(path, **args)
+
+
+def test_a_gpt_checkpoint_is_not_taken_for_a_vq(gpt_golden, tmp_path):
+    gpt_path = own_files(gpt_golden, tmp_path)["gpt"][0]
+    llamagen_gpt = save_golden(gpt_golden, tmp_path)
+    bare = tmp_path / "bare.pt"
+    torch.save({f"module.{k}": v for k, v in gpt_golden["checkpoint"]["model"].items()}, bare)
+    for path in (gpt_path, llamagen_gpt, bare):
+        for name in (None, "VQ-debug"):
+            with pytest.raises(CheckpointError, match=f"{path.name} is a GPT checkpoint, not a VQ tokenizer"):
+                VQModel.from_checkpoint(path, name)

@@ -118,6 +118,94 @@ def test_bad_input_gets_a_clear_message(gpt_golden, gpt_ckpt, tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--temperature", "nan"], "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+        (["--temperature", "-1"], "temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+        (["--top-p", "0"], "top_p must be a number in (0, 1] (1 = no nucleus filter), got 0.0"),
+        (["--top-p", "-0.5"], "top_p must be a number in (0, 1] (1 = no nucleus filter), got -0.5"),
+        (["--top-p", "1.5"], "top_p must be a number in (0, 1] (1 = no nucleus filter), got 1.5"),
+        (["--top-k", "-3"], "top_k must be an integer >= 0 (0 = no top-k filter, 1 = greedy), got -3"),
+        (["--cfg-scale", "nan"], "cfg_scale must be a finite number >= 0 (1 = no guidance), got nan"),
+        (["--cfg-scale", "-1"], "cfg_scale must be a finite number >= 0 (1 = no guidance), got -1.0"),
+        (["--cfg-interval", "-2"], "cfg_interval must be an integer >= -1 (-1 = guide every token), got -2"),
+        (["--per-class", "0"], "--per-class must be at least 1, got 0"),
+        (["--per-class", "-2"], "--per-class must be at least 1, got -2"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(gpt_ckpt, tmp_path, capsys, flags, message):
+    out = tmp_path / "o"
+    which = [] if "--per-class" in flags else ["--classes", "1,2"]
+    assert main(["sample", "--ckpt", gpt_ckpt, *TINY, *which, *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"st-ar sample: error: {message}\n" == err
+    assert not out.exists()  # refused before the output folder was made
+
+
+@pytest.mark.parametrize("classes", ["1,,2", ",", "1,2,", ",3", "", " ", "1, ,2", "1,x"])
+def test_class_lists_with_empty_or_bad_entries_are_refused(gpt_ckpt, tmp_path, capsys, classes):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--ckpt", gpt_ckpt, *TINY, "--classes", classes, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --classes: expected comma-separated integers" in err and repr(classes) in err
+
+
+def test_greedy_settings_on_the_command_line_give_the_golden_codes(gpt_golden, gpt_ckpt, tmp_path):
+    # temperature 0 is greedy as top-k 1 is; explicit filter-off values change nothing
+    out = tmp_path / "out"
+    flags = ["--temperature", "0", "--top-k", "0", "--top-p", "1", "--cfg-interval", "-1"]
+    assert main(["sample", "--ckpt", gpt_ckpt, *TINY, "--classes", " 1, 2,3", *flags, "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out / "codes.npy"), gpt_golden["generate_greedy"].numpy())
+
+
+def test_files_that_are_not_the_right_checkpoint_are_named(gpt_ckpt, vq_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert main(["sample", "--ckpt", str(empty), *TINY, "--classes", "1", "--out", out]) == 2
+    assert f"error: {empty} is empty (0 bytes): it was not written completely" in capsys.readouterr().err
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(open(gpt_ckpt, "rb").read()[:1000])
+    assert main(["sample", "--ckpt", gpt_ckpt, *TINY, "--vq-ckpt", str(cut), "--classes", "1", "--out", out]) == 2
+    assert f"error: {cut} is truncated (1000 bytes" in capsys.readouterr().err
+    vq_path = vq_ckpt[0]
+    for model in ([], TINY):
+        assert main(["sample", "--ckpt", vq_path, *model, "--classes", "1", "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {vq_path} is a VQ tokenizer checkpoint, not a GPT: pass it as the tokenizer" in err
+        assert "--vq-ckpt" in err
+    assert main(["sample", "--ckpt", gpt_ckpt, *TINY, "--vq-ckpt", gpt_ckpt, "--classes", "1", "--out", out]) == 2
+    assert f"error: {gpt_ckpt} is a GPT checkpoint, not a VQ tokenizer" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_first(gpt_ckpt, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    # the checkpoint is not even read: an unreadable one would be reported otherwise
+    assert main(["sample", "--ckpt", str(tmp_path / "missing.pt"), *TINY, "--classes", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write to --out {out}: a part of {out} is a file, not a folder" in err
+    assert main(["sample", "--ckpt", gpt_ckpt, *TINY, "--classes", "1", "--out", str(blocker)]) == 2
+    assert f"error: cannot write to --out {blocker}: {blocker} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not stop root")
+def test_a_read_only_output_folder_is_refused(gpt_ckpt, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["sample", "--ckpt", gpt_ckpt, *TINY, "--classes", "1", "--out", str(locked / "out")]) == 2
+    finally:
+        locked.chmod(0o700)
+    assert "error: cannot write to --out" in capsys.readouterr().err
+    assert not (locked / "out").exists()
+
+
 def test_console_script_is_installed(tmp_path):
     result = subprocess.run([sys.executable, "-m", "st_ar.cli", "sample", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--cfg-interval" in result.stdout

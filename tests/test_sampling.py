@@ -1,4 +1,7 @@
-"""Sampling: golden generations, guidance algebra, filters against naive references, seeding."""
+"""Sampling: golden generations, guidance algebra, filters against naive references, seeding,
+refused settings."""
+
+import re
 
 import pytest
 import torch
@@ -6,7 +9,7 @@ from test_gpt import golden_model
 
 from st_ar.models.gpt import GPT, GPTConfig
 from st_ar.sampling import apply_cfg, filter_logits, generate, sample_logits
-from st_ar.sampling.generate import sample_categorical
+from st_ar.sampling.generate import generate_images, sample_categorical
 
 
 def small_model(seed=0) -> GPT:
@@ -136,3 +139,67 @@ def test_bad_inputs_are_refused_clearly():
         generate(model, torch.tensor([0]), num_tokens=17)
     with pytest.raises(RuntimeError, match="eval mode"):
         generate(model.train(), torch.tensor([0]))
+
+
+NAN, INF = float("nan"), float("inf")
+
+# the allowed range each message states
+ALLOWED = {
+    "temperature": r"a finite number >= 0 \(0 = greedy\)",
+    "top_p": r"a number in \(0, 1\] \(1 = no nucleus filter\)",
+    "top_k": r"an integer >= 0 \(0 = no top-k filter, 1 = greedy\)",
+    "cfg_scale": r"a finite number >= 0 \(1 = no guidance\)",
+    "cfg_interval": r"an integer >= -1 \(-1 = guide every token\)",
+}
+BAD_SETTINGS = [
+    *[("temperature", v) for v in (NAN, INF, -1.0, -1e-9)],
+    *[("top_p", v) for v in (0.0, -0.5, 1.5, 1 + 1e-9, NAN)],
+    *[("top_k", v) for v in (-3, 2.5, True)],
+    *[("cfg_scale", v) for v in (NAN, -1.0, -INF, INF)],
+    *[("cfg_interval", v) for v in (-2, 1.5)],
+]
+
+
+@pytest.mark.parametrize("setting,value", BAD_SETTINGS)
+def test_bad_sampling_settings_are_refused_by_name(setting, value):
+    model = small_model()
+    message = rf"{setting} must be {ALLOWED[setting]}, got {re.escape(repr(value))}$"
+    with pytest.raises(ValueError, match=message):
+        generate(model, torch.tensor([0, 1]), **{setting: value})
+    with pytest.raises(ValueError, match=message):
+        generate_images(model, None, torch.tensor([0, 1]), **{setting: value})
+    with pytest.raises(ValueError, match=message):
+        generate_images(model, None, torch.tensor([], dtype=torch.long), **{setting: value})  # even with no work
+    if setting in ("temperature", "top_k", "top_p"):
+        with pytest.raises(ValueError, match=message):
+            sample_logits(torch.randn(2, 32), **{setting: value})
+
+
+def test_greedy_and_off_settings_still_mean_what_they_say():
+    model = small_model()
+    cond = torch.tensor([0, 3, 4])
+    logits = torch.randn(8, 32)
+    gen = lambda: torch.Generator().manual_seed(1)
+    # temperature 0 and top-k 1 are arg-max, whatever the generator
+    assert torch.equal(sample_logits(logits, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(sample_logits(logits, temperature=0), logits.argmax(-1))
+    assert torch.equal(sample_logits(logits, temperature=5.0, top_k=1, generator=gen()), logits.argmax(-1))
+    tokens, steps = generate(model, cond, temperature=0.0, return_logits=True)
+    assert torch.equal(tokens, steps.argmax(-1).T)
+    assert torch.equal(generate(model, cond, top_k=1, generator=gen()), tokens)
+    # top_k 0 and top_p 1 are the filters off: the same draws as no filter arguments at all
+    plain = generate(model, cond, generator=gen())
+    assert torch.equal(generate(model, cond, top_k=0, top_p=1.0, generator=gen()), plain)
+    assert torch.equal(generate(model, cond, top_p=1, generator=gen()), plain)
+    # and the extremes of the allowed ranges are accepted: a tiny nucleus keeps the top token only
+    assert torch.equal(generate(model, cond, top_p=1e-9, generator=gen()), tokens)
+
+
+def test_guidance_below_one_mixes_towards_the_null_class():
+    model = small_model()
+    cond = torch.tensor([2, 3])
+    for scale in (0.0, 0.5):  # 0 = the null class alone
+        tokens, logits = generate(model, cond, num_tokens=5, cfg_scale=scale, top_k=1, return_logits=True)
+        c = model(tokens[:, :-1], cond).logits
+        u = model(tokens[:, :-1], torch.full_like(cond, 5)).logits
+        torch.testing.assert_close(logits.transpose(0, 1), u + scale * (c - u), atol=1e-4, rtol=0)

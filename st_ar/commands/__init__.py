@@ -24,8 +24,11 @@ def json_object(text: str) -> dict:
 
 def int_list(text: str) -> list[int]:
     """argparse type: comma-separated integers, e.g. 1,2,3."""
+    parts = [x.strip() for x in text.split(",")]
+    if not all(parts):  # "1,,2", "1,2,", ",", "": a value was left out
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers with none left empty, got {text!r}")
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 

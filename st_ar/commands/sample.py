@@ -25,7 +25,8 @@ from ..distributed import DistInfo, barrier, cleanup_distributed, init_distribut
 from ..images import save_grid
 from ..models.gpt import GPT
 from ..models.vq import VQModel
-from ..sampling.generate import generate_images
+from ..runfolder import prepare_output_dir
+from ..sampling.generate import check_sampling_settings, generate_images
 from . import int_list, json_object, resolve_dtype
 
 HELP = "sample images from a GPT checkpoint"
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cfg-scale",
         type=float,
         default=1.0,
-        help="classifier-free guidance; 1 = off. LlamaGen's FID settings: 2.0 (B, L), 1.75 (XL, XXL)",
+        help="classifier-free guidance, >= 0; 1 = off. LlamaGen's FID settings: 2.0 (B, L), 1.75 (XL, XXL)",
     )
     p.add_argument(
         "--cfg-interval",
@@ -61,9 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=-1,
         help="guide only the first tokens (LlamaGen's convention: N guides tokens 0..N+1); -1 = all",
     )
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = no nucleus filter")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help=">= 0; 0 = no top-k filter, 1 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1.0 = no nucleus filter")
+    p.add_argument("--temperature", type=float, default=1.0, help=">= 0; 0 = greedy")
     p.add_argument(
         "--seed",
         type=int,
@@ -130,6 +131,13 @@ def rank_batches(num_batches: int, info: DistInfo) -> range:
 
 
 def sample(args: argparse.Namespace, info: DistInfo) -> None:
+    # everything that can be told from the arguments alone, before minutes of loading and sampling
+    check_sampling_settings(**sampling_settings(args))
+    if args.per_class is not None and args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prepare_output_dir(args.out, "--out")
     device = info.device
     dtype = resolve_dtype(args.precision, device)
     model = GPT.from_checkpoint(args.ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
@@ -145,8 +153,6 @@ def sample(args: argparse.Namespace, info: DistInfo) -> None:
         raise ValueError(
             f"class index {bad[0]} out of range: the model has {cfg.num_classes} classes (0..{cfg.num_classes - 1})"
         )
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     vq = None
     if args.vq_ckpt:
         vq = VQModel.from_checkpoint(args.vq_ckpt, args.vq_model, trust=args.trust_checkpoint).to(device).eval()
@@ -156,7 +162,6 @@ def sample(args: argparse.Namespace, info: DistInfo) -> None:
                 "they were not trained together"
             )
 
-    os.makedirs(args.out, exist_ok=True)
     parts_dir = os.path.join(args.out, "parts")
     start = time.perf_counter()
     own = sample_own_batches(model, vq, classes, args, info)
@@ -196,11 +201,7 @@ def sample_own_batches(model, vq, classes: list[int], args: argparse.Namespace, 
                 torch.tensor(labels[j * size : (j + 1) * size], dtype=torch.long, device=info.device),
                 batch_size=size,
                 generator=generator,
-                cfg_scale=args.cfg_scale,
-                cfg_interval=args.cfg_interval,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
+                **sampling_settings(args),
             )
             indices.append(np.arange(j * size, (j + 1) * size, dtype=np.int64))
             codes.append(batch_codes.numpy().astype(np.int64))
@@ -208,6 +209,17 @@ def sample_own_batches(model, vq, classes: list[int], args: argparse.Namespace, 
                 images.append(batch_images)
             bar.update(min(size * info.world_size, bar.total - bar.n))
     return np.concatenate(indices), np.concatenate(codes), (np.concatenate(images) if images else None)
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """generate()'s keyword arguments from the command line."""
+    return {
+        "cfg_scale": args.cfg_scale,
+        "cfg_interval": args.cfg_interval,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
 
 
 def write_part(path: str, part: Part) -> None:

@@ -31,6 +31,7 @@ from .loading import (
     CheckpointError,
     atomic_save,
     checkpoint_args,
+    checkpoint_family,
     extract_state_dict,
     load_strict,
     read_checkpoint,
@@ -284,6 +285,11 @@ class GPT(nn.Module):
         """
         obj = read_checkpoint(path, trust=trust)
         source = os.fspath(path)
+        if checkpoint_family(obj) == "VQ tokenizer":
+            raise CheckpointError(
+                f"{source} is a VQ tokenizer checkpoint, not a GPT: pass it as the tokenizer "
+                "(VQModel.from_checkpoint; command line: --vq-ckpt)"
+            )
         stored = obj.get("config") if isinstance(obj, Mapping) and obj.get("kind") == CHECKPOINT_KIND else None
         if name is None and model_args is None:
             if stored is None:

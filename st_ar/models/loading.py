@@ -39,24 +39,75 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
 
     ``weights_only=True`` refuses argparse.Namespace, which LlamaGen's trainers store under
     "args"; that one type is allow-listed. Anything else outside the safe set is refused with a
-    message naming it, unless ``trust=True`` (the file comes from someone you trust).
+    message naming it, unless ``trust=True`` (the file comes from someone you trust). A file that
+    is empty, truncated or not a torch checkpoint at all is a CheckpointError saying so.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    damage = _damage(path)
+    if damage:
+        raise CheckpointError(f"{path} {damage}; write it again, or pick another file")
     if trust:
         warnings.warn(f"loading {path} with unrestricted unpickling (trust=True)", stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=_can_mmap(path))
     try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=_can_mmap(path))
         _allow_namespace()
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_can_mmap(path))
+    except (PermissionError, MemoryError):
+        raise  # the file may be fine; the message from the OS says what is wrong
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} holds Python objects outside the safe set, so it was not unpickled:\n  {_refused_global(e)}\n"
-            "If you trust this file, load it with trust=True (command line: --trust-checkpoint)."
-        ) from None
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {_first_line(e)}") from None
+        if not trust and _UNSAFE_GLOBAL.search(str(e)):
+            raise CheckpointError(
+                f"{path} holds Python objects outside the safe set, so it was not unpickled:\n  "
+                f"{_refused_global(e)}\nIf you trust this file, load it with trust=True "
+                "(command line: --trust-checkpoint)."
+            ) from None
+        raise _not_a_checkpoint(path, e) from None
+    except Exception as e:  # torch.load fails on damaged files with EOFError, OSError, KeyError, ...
+        raise _not_a_checkpoint(path, e) from None
+
+
+# how torch words a weights_only refusal of a type (other unpickling errors mean a damaged file)
+_UNSAFE_GLOBAL = re.compile(r"unsupported global", re.IGNORECASE)
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _damage(path: str) -> str | None:
+    """What is visibly wrong with the file before unpickling: empty, or a zip checkpoint cut short."""
+    if os.path.isdir(path):
+        return "is a folder, not a checkpoint file"
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes): it was not written completely"
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if _ZIP_MAGIC.startswith(head) and not _can_mmap(path):
+        # torch.save's zip format keeps its index at the end of the file
+        return (
+            f"is truncated ({os.path.getsize(path)} bytes, the end of the file is missing): "
+            "it was not written or copied completely"
+        )
+    return None
+
+
+def _not_a_checkpoint(path: str, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable torch checkpoint (truncated, damaged, or not written by torch.save; "
+        f"{_load_failure(e)}); write it again, or pick another file"
+    )
+
+
+def _load_failure(e: BaseException) -> str:
+    # the useful part of torch's message; its weights_only errors open with a long preamble
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "the file ends too early" if isinstance(e, EOFError) else type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 def _allow_namespace() -> None:
@@ -112,6 +163,36 @@ def extract_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, tor
             continue
         clean[name] = tensor
     return clean
+
+
+# Weight names only one of the two models has; ours and LlamaGen's name them alike.
+_FAMILY_KEYS = {
+    "VQ tokenizer": ("encoder.conv_in.weight", "quantize.embedding.weight"),
+    "GPT": ("tok_embeddings.weight", "cls_embedding.embedding_table.weight"),
+}
+
+
+def checkpoint_family(obj: Any) -> str | None:
+    """The model a loaded checkpoint holds weights of, "GPT" or "VQ tokenizer"; None if neither.
+
+    Lets a loader say "this is the other model" instead of a list of mismatched keys.
+    """
+    if not isinstance(obj, Mapping):
+        return None
+    sd = obj if obj and all(torch.is_tensor(v) for v in obj.values()) else None
+    for key in STATE_DICT_KEYS:
+        if sd is None and isinstance(obj.get(key), Mapping):
+            sd = obj[key]
+    names = set()
+    for name in sd or ():
+        for prefix in WRAPPER_PREFIXES:
+            while isinstance(name, str) and name.startswith(prefix):
+                name = name[len(prefix) :]
+        names.add(name)
+    for family, keys in _FAMILY_KEYS.items():
+        if any(k in names for k in keys):
+            return family
+    return None
 
 
 def load_strict(

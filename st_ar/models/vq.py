@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from st_ar.models.loading import (
     CheckpointError,
     atomic_save,
+    checkpoint_family,
     extract_state_dict,
     load_strict,
     read_checkpoint,
@@ -562,6 +563,11 @@ class VQModel(nn.Module):
         """
         source = os.fspath(path)
         obj = read_checkpoint(source, trust=trust)
+        if checkpoint_family(obj) == "GPT":
+            raise CheckpointError(
+                f"{source} is a GPT checkpoint, not a VQ tokenizer: pass it as the GPT "
+                "(GPT.from_checkpoint; command line: sample --ckpt)"
+            )
         stored = _stored_config(obj, source)
         if name is not None:
             config = VQConfig.from_name(name, **overrides)

@@ -12,6 +12,9 @@ Guidance runs the conditional and the null-class halves as one batch and mixes f
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -45,6 +48,39 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def check_sampling_settings(
+    *,
+    cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> None:
+    """Refuse settings that would not sample what they say: NaN gives all-zero codes, and an
+    out-of-range temperature or filter would quietly turn into greedy decoding or no filter."""
+
+    def refuse(name: str, value, allowed: str) -> None:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+    def real(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    def integer(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not real(temperature) or temperature < 0:
+        refuse("temperature", temperature, "a finite number >= 0 (0 = greedy)")
+    if not integer(top_k) or top_k < 0:
+        refuse("top_k", top_k, "an integer >= 0 (0 = no top-k filter, 1 = greedy)")
+    if not real(top_p) or not 0 < top_p <= 1:
+        refuse("top_p", top_p, "a number in (0, 1] (1 = no nucleus filter)")
+    # scales in [0, 1) mix towards the unconditional model: unusual but well defined
+    if not real(cfg_scale) or cfg_scale < 0:
+        refuse("cfg_scale", cfg_scale, "a finite number >= 0 (1 = no guidance)")
+    if not integer(cfg_interval) or cfg_interval < -1:
+        refuse("cfg_interval", cfg_interval, "an integer >= -1 (-1 = guide every token)")
+
+
 def sample_logits(
     logits: Tensor,  # (B, V) fp32
     temperature: float = 1.0,
@@ -53,7 +89,8 @@ def sample_logits(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Temperature, top-k, top-p, then one multinomial draw per row; temperature 0 is greedy."""
-    if temperature <= 0 or top_k == 1:
+    check_sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p)
+    if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
     return sample_categorical(probs, generator)
@@ -106,6 +143,9 @@ def generate(
     conditional half alone, which we then stop computing. ``return_logits`` also returns the
     (guided, unfiltered) logits each token was drawn from, (num_tokens, B, V).
     """
+    check_sampling_settings(
+        cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     config = model.config
     num_tokens = num_tokens or config.block_size
     if not 0 < num_tokens <= config.block_size:
@@ -166,6 +206,7 @@ def generate_images(
     ``vq`` None skips decoding (images None). ``sampling``: generate()'s cfg_scale, cfg_interval,
     temperature, top_k, top_p. ``progress``: a bar with this title, or None for no bar.
     """
+    check_sampling_settings(**sampling)
     grid = (model.config.grid_size, model.config.grid_size)
     codes, images = [], []
     with tqdm(total=len(labels), unit="img", desc=progress or "", disable=progress is None) as bar:
