@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -50,6 +49,7 @@ from ..distributed import (
 from ..models.gpt import GPT, GPTConfig, save_gpt
 from ..models.loading import CheckpointError, read_checkpoint
 from ..objectives.total import STARObjective, no_gather
+from ..runfolder import write_json_atomic
 from ..runlog import RunLogger
 from ..teacher import build_teacher, ema_schedule, update_ema
 from . import NonFiniteLoss
@@ -400,8 +400,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
         load_checkpoint(state, ckpt)
     if dist_info.is_main:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
+        write_json_atomic(os.path.join(out, "config.json"), to_dict(cfg))
     log = RunLogger(out, enabled=dist_info.is_main)
     previewer = Previewer(cfg, loader.dataset.meta, state.student.config, dist_info.device, dist_info.is_main)
     accum = cfg.optim.grad_accum
