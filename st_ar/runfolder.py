@@ -87,7 +87,9 @@ def free_bytes(folder: str | os.PathLike) -> int | None:
 
 
 def megabytes(n: int | None) -> str:
-    return "? MB" if n is None else f"{n / 1e6:.1f} MB"
+    if n is None:
+        return "? MB"
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e6:.3f} MB"  # small files still show a size
 
 
 def is_disk_full(exc: BaseException, folder: str | os.PathLike) -> bool:

@@ -413,7 +413,6 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     assert json.loads(out.read_text())["images"] == 16
 
 
-
 def test_a_full_disk_at_a_checkpoint_gives_one_line_and_keeps_the_last_one(tmp_path, small_disk, capsys):
     disk = small_disk.mount("40m")  # a first run (12 MB checkpoint, 4 MB tokenizer) fits
     write_folder(tmp_path / "images", 4)

@@ -327,9 +327,7 @@ def test_atomic_save_on_a_full_disk_keeps_the_earlier_file(small_disk):
     assert os.listdir(disk) == ["ckpt.pt"]
 
 
-def test_a_full_disk_at_a_checkpoint_ends_the_run_with_one_line_and_keeps_the_last_one(
-    mnist_codes, small_disk, capsys
-):
+def test_a_full_disk_at_a_checkpoint_ends_the_run_with_one_line_and_keeps_the_last_one(mnist_codes, small_disk, capsys):
     from st_ar.cli import main as cli_main
 
     threads = torch.get_num_threads()

@@ -258,7 +258,7 @@ def _prepare_folder(out: str, meta: dict[str, Any], labels: np.ndarray) -> str:
     try:
         codes = np.lib.format.open_memmap(codes_path, mode="w+", dtype=meta["dtype"], shape=shape)
         del codes  # sized (sparse) file with a standard header; ranks fill the rows
-        reserve_blocks(codes_path)
+        reserve_blocks(codes_path, free)
         np.save(os.path.join(out, "labels.npy"), labels.astype(np.int64))
     except OSError as e:
         # nothing is in the new files yet, and without meta.json the folder is no extraction: free the space
@@ -276,14 +276,18 @@ def _prepare_folder(out: str, meta: dict[str, Any], labels: np.ndarray) -> str:
     return "fresh"
 
 
-def reserve_blocks(path: str) -> None:
+def reserve_blocks(path: str, free_before: int | None = None) -> None:
     """Allocate every block of ``path`` now, so that a full disk fails here, with an error naming the folder,
     and not later as SIGBUS when a write into the memory-mapped file finds no free block. Blocks already
-    allocated are kept as they are (a resumed file keeps its rows)."""
+    allocated are kept as they are (a resumed file keeps its rows).
+
+    ``free_before``: the free space before a new file was created, so the error counts the whole file."""
     folder = os.path.dirname(os.path.abspath(path))
     size = os.path.getsize(path)
-    needed = max(0, size - os.stat(path).st_blocks * 512)  # the holes still to allocate
-    free = free_bytes(folder)
+    if free_before is None:
+        needed, free = max(0, size - os.stat(path).st_blocks * 512), free_bytes(folder)  # the holes left
+    else:
+        needed, free = size, free_before
     if hasattr(os, "posix_fallocate"):
         fd = os.open(path, os.O_RDWR)
         try:
