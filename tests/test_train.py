@@ -362,3 +362,25 @@ def _train_onto_a_full_disk(cli_main, mnist_codes, small_disk, capsys):
     # the run's other files are whole: every metrics line parses
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")][-1] >= 2
     json.loads((out / "config.json").read_text())
+
+
+def test_config_and_metrics_on_a_full_disk_keep_what_was_written(small_disk):
+    from st_ar.runfolder import NoSpaceError, write_json_atomic
+    from st_ar.runlog import RunLogger
+
+    disk = small_disk.mount("1m")
+    config = disk / "config.json"
+    write_json_atomic(config, {"steps": 1})
+    log = RunLogger(disk, tensorboard=False)
+    log.scalars(1, {"loss": 1.0})
+    small_disk.leave(disk, 0)
+    with pytest.raises(NoSpaceError, match=f"no space left on {disk}: config.json did not fit .* the previous "):
+        write_json_atomic(config, {"steps": 2, "pad": "x" * 10_000})
+    assert json.loads(config.read_text()) == {"steps": 1}
+    with pytest.raises(NoSpaceError, match=f"no space left on {disk}: could not append to metrics.jsonl"):
+        for step in range(2, 200):  # the first line's block fills up
+            log.scalars(step, {f"loss/{k}": 1.0 for k in range(20)})
+    log.close()
+    steps = [json.loads(line)["step"] for line in open(disk / "metrics.jsonl")]  # no half line at the end
+    assert steps[0] == 1 and steps == list(range(1, len(steps) + 1))
+    assert not [n for n in os.listdir(disk) if ".tmp-" in n]
