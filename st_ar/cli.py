@@ -8,7 +8,7 @@ import sys
 from .commands import demo, extract, sample, tokenizer, train, viz
 from .commands import eval as eval_cmd
 from .models.loading import CheckpointError
-from .runfolder import describe_os_error
+from .runfolder import NoSpaceError, describe_os_error
 from .train import NonFiniteLoss
 
 COMMANDS = {
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command].run(args)
-    except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError) as e:
-        # bad input: say what is wrong, without a stack trace from deep inside torch
+    except (CheckpointError, ValueError, FileNotFoundError, NotImplementedError, NoSpaceError) as e:
+        # bad input or a full disk: say what is wrong and what to do, without a stack trace from deep inside torch
         print(f"st-ar {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

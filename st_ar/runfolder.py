@@ -2,18 +2,43 @@
 from the file system turned into one line that names the folder and what to do.
 
     out = prepare_output_dir(args.out, "--out")   # creates it, or says why it cannot be written
+
+A full disk gets its own error, ``NoSpaceError`` (an OSError with errno ENOSPC), whose message names the
+folder, says what was kept and what to do; ``write_json_atomic`` and ``atomic_save`` raise it.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import uuid
+from typing import Any
+
+# Below this much free space after a failed write, the folder counts as full (torch reports a failed
+# write without errno; a write that ran out of space leaves the disk at or near zero).
+NEARLY_FULL_BYTES = 1 << 20
+# torch's zip writer: "file write failed" (path target), "unexpected pos" (file object target)
+_TORCH_WRITE_FAILED = re.compile(r"write failed|unexpected pos|no space left", re.IGNORECASE)
 
 
 class OutputFolderError(ValueError):
     """A folder a command must write into cannot be created or written; the message says why."""
+
+
+class NoSpaceError(OSError):
+    """A write failed because the file system holding a folder is full; the message names the folder,
+    says what was kept and what to do."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        super().__init__(errno.ENOSPC, message, None if path is None else os.fspath(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):
+        return type(self), (self.strerror, self.filename)
 
 
 def prepare_output_dir(path: str | os.PathLike, setting: str = "output folder") -> str:
@@ -41,7 +66,10 @@ def describe_os_error(e: OSError, where: str | os.PathLike | None = None) -> str
     """A short phrase for a file-system error: 'no space left on <folder>', 'permission denied', ..."""
     place = os.fspath(where) if where is not None else e.filename
     if e.errno == errno.ENOSPC:
-        return f"no space left on {os.path.dirname(os.path.abspath(place)) if place else 'the device'}"
+        if not place:
+            return "no space left on the device"
+        place = os.path.abspath(place)
+        return f"no space left on {place if os.path.isdir(place) else os.path.dirname(place)}"
     if e.errno == errno.ENOTDIR:
         return f"a part of {place} is a file, not a folder"
     if e.errno == errno.EEXIST and place and not os.path.isdir(place):
@@ -147,3 +175,73 @@ def lock_run_folder(folder: str | os.PathLike, setting: str, info) -> FolderLock
     if error is not None:
         raise {"OutputFolderError": OutputFolderError, "FolderInUse": FolderInUse}[error[0]](error[1])
     return lock
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes an ordinary user may still write in ``folder``'s file system; None where statvfs is unavailable."""
+    try:
+        st = os.statvfs(folder)
+    except (AttributeError, OSError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def megabytes(n: int | None) -> str:
+    if n is None:
+        return "? MB"
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e6:.3f} MB"  # small files still show a size
+
+
+def is_disk_full(exc: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether ``exc`` is a write refused for want of space in ``folder``.
+
+    An OSError says so by errno, also when it is the cause or context of another error. torch's zip writer
+    turns a failed write into a RuntimeError without errno; for those the folder's free space decides, so
+    call this before removing what the failed write left behind.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(str(exc)):
+        free = free_bytes(folder)
+        return free is not None and free < NEARLY_FULL_BYTES
+    return False
+
+
+def no_space_error(path: str | os.PathLike, written: int | None = None, existed: bool = False) -> NoSpaceError:
+    """The error for a file at ``path`` that could not be written (the partial file already removed)."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    size = f"more than {megabytes(written)}; " if written else ""
+    kept = f"the previous {path} is intact" if existed else f"nothing was written to {path}"
+    return NoSpaceError(
+        f"no space left on {folder}: {os.path.basename(path)} did not fit ({size}{megabytes(free_bytes(folder))} "
+        f"free); {kept}. Free space or choose another output folder, then run again",
+        path,
+    )
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """JSON to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a crash or a
+    full disk leaves the old file or the new one, never half a file; a full disk raises NoSpaceError."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    existed = os.path.exists(path)
+    try:
+        with open(tmp, "x") as f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = isinstance(e, OSError) and is_disk_full(e, folder)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if full:
+            raise no_space_error(path, existed=existed) from None
+        raise

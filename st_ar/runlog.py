@@ -11,10 +11,13 @@ files are written when the tensorboard package is installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from typing import Any
+
+from .runfolder import NoSpaceError, is_disk_full
 
 
 class RunLogger:
@@ -25,7 +28,8 @@ class RunLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        self.jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -38,10 +42,31 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in values.items()}
-        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self._append(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         if self.writer is not None:
             for k, v in clean.items():
                 self.writer.add_scalar(k, v, step)
+
+    def _append(self, line: str) -> None:
+        end = None
+        try:
+            end = self.jsonl.tell()  # every line so far is on disk: line buffering
+            self.jsonl.write(line)
+            self.jsonl.flush()
+        except OSError as e:
+            if not is_disk_full(e, os.path.dirname(self.jsonl_path)):
+                raise
+            with contextlib.suppress(OSError):  # its buffer still holds what did not fit
+                self.jsonl.close()
+            self.jsonl = None
+            if end is not None:  # drop the part of the line that did fit, so the file reads line by line
+                with open(self.jsonl_path, "r+b") as f:
+                    f.truncate(end)
+            raise NoSpaceError(
+                f"no space left on {os.path.dirname(os.path.abspath(self.jsonl_path))}: could not append to "
+                f"metrics.jsonl; the lines already in it are intact. Free space, then run again",
+                self.jsonl_path,
+            ) from None
 
     def image(self, step: int, tag: str, image) -> None:
         """An (H, W, 3) uint8 array to TensorBoard (the caller writes its own PNG)."""

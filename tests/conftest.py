@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,53 @@ def gpt_golden() -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class SmallDisk:
+    """A real, small file system (tmpfs) to fill up: ``mount(size)`` gives its folder, ``leave(folder, n)``
+    fills it so that about ``n`` bytes stay free. Needs root (as in CI); skips where mounting is not possible."""
+
+    def __init__(self, base: Path):
+        self.base, self.mounted = base, []
+
+    def mount(self, size: str = "2m") -> Path:
+        where = self.base / f"disk{len(self.mounted)}"
+        where.mkdir(parents=True)
+        if not sys.platform.startswith("linux"):
+            pytest.skip("a small tmpfs needs Linux")
+        try:
+            r = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+            )
+        except FileNotFoundError:
+            pytest.skip("no mount command here")
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip() or r.returncode}")
+        self.mounted.append(where)
+        return where
+
+    @staticmethod
+    def free(folder: Path) -> int:
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize
+
+    def leave(self, folder: Path, free: int) -> None:
+        filler = folder / f"filler-{len(list(folder.glob('filler-*')))}"
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(0, self.free(folder) - free))
+        assert abs(self.free(folder) - free) <= 4096, "the filler did not leave the free space asked for"
+
+    def unmount_all(self) -> None:
+        for where in reversed(self.mounted):
+            if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(where)], capture_output=True)  # still busy: detach it
+        self.mounted = []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = SmallDisk(tmp_path / "small-disk")
+    try:
+        yield disk
+    finally:
+        disk.unmount_all()

@@ -203,3 +203,75 @@ def test_two_processes_write_the_same_bytes_as_one(setup, tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["complete"]
     _same_files(setup["ref"], out, names=("codes.npy", "labels.npy"))
+
+
+def _extract_cmd(setup, out):
+    cmd = [sys.executable, "-m", "st_ar.cli", "extract", "--dataset", setup["folder"], "--vq-ckpt", setup["vq_path"]]
+    cmd += ["--image-size", str(SIZE), "--batch-size", "1", "--chunk-size", "4", "--num-workers", "0"]
+    for r in RANGES:
+        cmd += ["--crop-range", str(r)]
+    return [*cmd, "--no-progress", "--out", str(out)]
+
+
+def _run_apart(cmd):
+    # a separate process: a SIGBUS from writing into a memory-mapped file on a full disk shows up as its
+    # return code (-7) instead of killing pytest
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _make_sparse(path):
+    """Rewrite ``path`` with holes where its 4 KiB blocks are zero, as codes.npy was before its blocks were
+    reserved at creation."""
+    data = path.read_bytes()
+    path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(len(data))
+        for at in range(0, len(data), 4096):
+            if data[at : at + 4096].strip(b"\0"):
+                f.seek(at)
+                f.write(data[at : at + 4096])
+    assert path.read_bytes() == data and os.stat(path).st_blocks * 512 < len(data)
+
+
+def test_a_full_disk_fails_at_the_start_with_the_space_needed(setup, small_disk, capsys):
+    disk = small_disk.mount("1m")
+    small_disk.leave(disk, 16384)  # codes.npy needs 12 images x 20 crops x 64 codes x 2 bytes = 30 kB
+    out = disk / "codes"
+    done = _run_apart(_extract_cmd(setup, out))
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    err = done.stderr.strip()
+    assert err.startswith(f"st-ar extract: error: no space left on {out}: codes.npy needs 0.031 MB"), err
+    assert err.endswith("free; free space or use another --out") and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(out)) == []  # the files it could not fill are gone, and their space with them
+    # with room again the same command extracts everything, the same codes as elsewhere
+    for filler in disk.glob("filler-*"):
+        filler.unlink()
+    assert cli_main(_extract_cmd(setup, out)[3:]) == 0
+    _same_files(setup["ref"], out, names=("codes.npy", "labels.npy"))
+
+
+def test_resuming_a_sparse_codes_file_on_a_full_disk_fails_before_writing(setup, small_disk):
+    disk = small_disk.mount("1m")
+    out = disk / "codes"
+    with pytest.raises(ExtractionStopped):
+        extract_codes(
+            open_dataset(setup["folder"]), setup["vq_path"], out, image_size=SIZE, crop_ranges=RANGES,
+            batch_size=1, chunk_size=4, progress=False, stop_after_chunks=1,
+        )  # fmt: skip
+    _make_sparse(out / "codes.npy")  # as a run from before blocks were reserved left it
+    before = (out / "codes.npy").read_bytes()
+    small_disk.leave(disk, 4096)  # less than the holes still to fill
+    done = _run_apart(_extract_cmd(setup, out))
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert f"st-ar extract: error: no space left on {out}: codes.npy needs 0.0" in done.stderr, done.stderr
+    assert (out / "codes.npy").read_bytes() == before and os.listdir(out / "done") == ["chunk-0000000.json"]
+    for filler in disk.glob("filler-*"):
+        filler.unlink()
+    report = extract_codes(
+        open_dataset(setup["folder"]), setup["vq_path"], out, image_size=SIZE, crop_ranges=RANGES,
+        batch_size=1, chunk_size=4, progress=False,
+    )  # fmt: skip
+    assert report.already_done == 1 and report.encoded_chunks == 2
+    assert os.stat(out / "codes.npy").st_blocks * 512 >= os.path.getsize(out / "codes.npy")
+    _same_files(setup["ref"], out, names=("codes.npy", "labels.npy"))

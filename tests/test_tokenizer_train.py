@@ -413,6 +413,38 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     assert json.loads(out.read_text())["images"] == 16
 
 
+def test_a_full_disk_at_a_checkpoint_gives_one_line_and_keeps_the_last_one(tmp_path, small_disk, capsys):
+    disk = small_disk.mount("40m")  # a first run (12 MB checkpoint, 4 MB tokenizer) fits
+    write_folder(tmp_path / "images", 4)
+    run = disk / "run"
+    common = ["tokenizer", "train", "--out", str(run)]
+    flags = ["--dataset", str(tmp_path / "images"), "--preset", "VQ-debug", "--image-size", "16"]
+    flags += ["--batch-size", "4", "--device", "cpu", "--num-workers", "0", "--eval-samples", "4"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is faster on one thread when other jobs share the cores
+    try:
+        assert main([*common, *flags, "--steps", "1"]) == 0
+        ckpt = Path(checkpoint_path(str(run)))
+        saved = torch.load(ckpt, weights_only=True)
+        tokenizer_bytes = sha(run / "tokenizer.pt")
+        small_disk.leave(disk, 2 << 20)  # room for logs, not for another checkpoint
+        capsys.readouterr()
+        assert main([*common, "--resume", "--steps", "2"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert f"st-ar tokenizer: error: no space left on {ckpt.parent}: last.pt did not fit" in err, err
+    assert f"the previous {ckpt} is intact" in err and "Traceback" not in err and "enforce fail" not in err
+    assert sorted(os.listdir(ckpt.parent)) == ["last.pt"]  # no temporary file left
+    kept = torch.load(ckpt, weights_only=True)
+    assert kept["step"] == saved["step"] == 1
+    for name, tensor in saved["model"].items():
+        assert torch.equal(kept["model"][name], tensor), name
+    assert sha(run / "tokenizer.pt") == tokenizer_bytes
+    assert [m["step"] for m in read_metrics(run)][-1] >= 1  # every line parses
+    json.loads((run / "config.json").read_text())
+
+
 @pytest.mark.dist
 def test_two_processes_train_like_one(tmp_path):
     """torchrun with 2 gloo ranks and half the batch each = one process with the whole batch

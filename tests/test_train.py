@@ -1,5 +1,6 @@
 """Training runs on real codes: MNIST digits tokenized by a small VQ, a tiny GPT, CPU only."""
 
+import errno
 import json
 import os
 
@@ -302,3 +303,84 @@ def test_learning_rate_scales_with_global_batch():
     cfg = apply_overrides(preset("imagenet-b-star"), ["optim.batch_size=512"])
     assert cfg.optim.effective_lr() == pytest.approx(2e-4)
     assert apply_overrides(cfg, ["optim.scale_lr=false"]).optim.effective_lr() == 1e-4
+
+
+def test_atomic_save_on_a_full_disk_keeps_the_earlier_file(small_disk):
+    from st_ar.models.loading import atomic_save
+    from st_ar.runfolder import NoSpaceError
+
+    disk = small_disk.mount("2m")
+    path = disk / "ckpt.pt"
+    first = {"w": torch.arange(1000.0), "step": 1}
+    atomic_save(first, path)
+    with pytest.raises(NoSpaceError) as err:
+        atomic_save({"w": torch.ones(600_000), "step": 2}, path)  # 2.4 MB: more than the whole disk
+    assert err.value.errno == errno.ENOSPC and isinstance(err.value, OSError)
+    msg = str(err.value)
+    assert msg.startswith(f"no space left on {disk}:") and f"the previous {path} is intact" in msg, msg
+    assert os.listdir(disk) == ["ckpt.pt"]  # no temporary file left behind
+    again = torch.load(path, weights_only=True)
+    assert again["step"] == 1 and torch.equal(again["w"], first["w"])
+    # with no earlier file the message says nothing was written, and nothing is there
+    with pytest.raises(NoSpaceError, match=f"nothing was written to {disk / 'other.pt'}"):
+        atomic_save({"w": torch.ones(600_000)}, disk / "other.pt")
+    assert os.listdir(disk) == ["ckpt.pt"]
+
+
+def test_a_full_disk_at_a_checkpoint_ends_the_run_with_one_line_and_keeps_the_last_one(mnist_codes, small_disk, capsys):
+    from st_ar.cli import main as cli_main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is faster on one thread when other jobs share the cores
+    try:
+        _train_onto_a_full_disk(cli_main, mnist_codes, small_disk, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_onto_a_full_disk(cli_main, mnist_codes, small_disk, capsys):
+    disk = small_disk.mount("24m")  # a first run (checkpoint 9 MB, two 2 MB exports) fits
+    out = disk / "run"
+    args = ["train", "--config", "debug", f"data.codes={mnist_codes}", f"train.out_dir={out}", "train.save_every=2"]
+    args.append('model.args={"vocab_size": 64, "block_size": 64, "num_classes": 10}')
+    assert cli_main([*args, "train.steps=2"]) == 0
+    ckpt = out / "checkpoints" / "last.pt"
+    saved = read_checkpoint(ckpt)
+    small_disk.leave(disk, 2 << 20)  # room for logs, not for a second copy of the checkpoint
+    capsys.readouterr()
+    assert cli_main([*args, "train.steps=4"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert lines == [ln for ln in err.splitlines() if ln.startswith("st-ar train: error: ")], err
+    assert f"st-ar train: error: no space left on {out / 'checkpoints'}: last.pt did not fit" in err, err
+    assert f"the previous {ckpt} is intact" in err and "Traceback" not in err and "enforce fail" not in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["last.pt"]
+    kept = read_checkpoint(ckpt)
+    assert kept["step"] == saved["step"] == 2
+    for name, tensor in saved["model"].items():
+        assert torch.equal(kept["model"][name], tensor), name
+    # the run's other files are whole: every metrics line parses
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")][-1] >= 2
+    json.loads((out / "config.json").read_text())
+
+
+def test_config_and_metrics_on_a_full_disk_keep_what_was_written(small_disk):
+    from st_ar.runfolder import NoSpaceError, write_json_atomic
+    from st_ar.runlog import RunLogger
+
+    disk = small_disk.mount("1m")
+    config = disk / "config.json"
+    write_json_atomic(config, {"steps": 1})
+    log = RunLogger(disk, tensorboard=False)
+    log.scalars(1, {"loss": 1.0})
+    small_disk.leave(disk, 0)
+    with pytest.raises(NoSpaceError, match=f"no space left on {disk}: config.json did not fit .* the previous "):
+        write_json_atomic(config, {"steps": 2, "pad": "x" * 10_000})
+    assert json.loads(config.read_text()) == {"steps": 1}
+    with pytest.raises(NoSpaceError, match=f"no space left on {disk}: could not append to metrics.jsonl"):
+        for step in range(2, 200):  # the first line's block fills up
+            log.scalars(step, {f"loss/{k}": 1.0 for k in range(20)})
+    log.close()
+    steps = [json.loads(line)["step"] for line in open(disk / "metrics.jsonl")]  # no half line at the end
+    assert steps[0] == 1 and steps == list(range(1, len(steps) + 1))
+    assert not [n for n in os.listdir(disk) if ".tmp-" in n]

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -38,7 +38,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..distributed import DistInfo, barrier, broadcast_from_main
 from ..models.vq import VQModel
-from ..runfolder import FolderLock, prepare_output_dir, remove_stale_temp_files
+from ..runfolder import (
+    FolderLock,
+    NoSpaceError,
+    free_bytes,
+    is_disk_full,
+    megabytes,
+    prepare_output_dir,
+    remove_stale_temp_files,
+    write_json_atomic,
+)
 from .datasets import CorruptImageError, ImageDataset
 from .transforms import CROP_SETS, crops_for_extraction, uint8_to_unit
 
@@ -252,12 +261,7 @@ def _short(value: Any) -> str:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1)  # a full disk: NoSpaceError naming the folder
 
 
 def _arrays_ok(out: str, meta: dict[str, Any]) -> bool:
@@ -286,17 +290,72 @@ def _prepare_folder(out: str, meta: dict[str, Any], labels: np.ndarray) -> str:
         if old.get("complete"):
             return "complete"
         if _arrays_ok(out, meta):
+            # a folder from before blocks were reserved at creation holds a sparse codes.npy
+            reserve_blocks(os.path.join(out, "codes.npy"))
             return "resume"
         os.unlink(meta_path)  # meta.json without usable arrays: start over
     os.makedirs(out, exist_ok=True)
     shutil.rmtree(os.path.join(out, "done"), ignore_errors=True)
     shape = (meta["count"], meta["num_crops"], meta["seq_len"])
-    codes = np.lib.format.open_memmap(os.path.join(out, "codes.npy"), mode="w+", dtype=meta["dtype"], shape=shape)
-    del codes  # sized (sparse) file with a standard header; ranks fill the rows
-    np.save(os.path.join(out, "labels.npy"), labels.astype(np.int64))
+    codes_path = os.path.join(out, "codes.npy")
+    free = free_bytes(out)
+    try:
+        codes = np.lib.format.open_memmap(codes_path, mode="w+", dtype=meta["dtype"], shape=shape)
+        del codes  # sized (sparse) file with a standard header; ranks fill the rows
+        reserve_blocks(codes_path, free)
+        np.save(os.path.join(out, "labels.npy"), labels.astype(np.int64))
+    except OSError as e:
+        # nothing is in the new files yet, and without meta.json the folder is no extraction: free the space
+        for name in ("codes.npy", "labels.npy"):
+            if os.path.exists(os.path.join(out, name)):
+                os.unlink(os.path.join(out, name))
+        if isinstance(e, NoSpaceError):
+            raise
+        if is_disk_full(e, out):
+            needed = int(np.prod(shape)) * np.dtype(meta["dtype"]).itemsize + labels.size * 8
+            raise _no_space(out, "codes.npy and labels.npy", needed, free) from None
+        raise
     os.makedirs(os.path.join(out, "done"), exist_ok=True)
     _write_json(meta_path, meta)  # last: its presence means the arrays exist
     return "fresh"
+
+
+def reserve_blocks(path: str, free_before: int | None = None) -> None:
+    """Allocate every block of ``path`` now, so that a full disk fails here, with an error naming the folder,
+    and not later as SIGBUS when a write into the memory-mapped file finds no free block. Blocks already
+    allocated are kept as they are (a resumed file keeps its rows).
+
+    ``free_before``: the free space before a new file was created, so the error counts the whole file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    size = os.path.getsize(path)
+    if free_before is None:
+        needed, free = max(0, size - os.stat(path).st_blocks * 512), free_bytes(folder)  # the holes left
+    else:
+        needed, free = size, free_before
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(folder, os.path.basename(path), needed, free) from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+    # no way to reserve blocks here: at least refuse a file that cannot fit
+    if free is not None and free < needed:
+        raise _no_space(folder, os.path.basename(path), needed, free)
+
+
+def _no_space(folder: str, what: str, needed: int, free: int | None) -> NoSpaceError:
+    verb = "need" if " and " in what else "needs"
+    return NoSpaceError(
+        f"no space left on {folder}: {what} {verb} {megabytes(needed)}, {megabytes(free)} free; "
+        "free space or use another --out",
+        folder,
+    )
 
 
 def _marker(out: str, chunk: int) -> str:
@@ -378,9 +437,13 @@ def extract_codes(
                     on_corrupt=on_corrupt,
                 )
                 status = ("ok", _prepare_folder(out, meta, dataset.labels()[:count]), meta)
+            except NoSpaceError as e:
+                status = ("no space", str(e), None)
             except (ValueError, OSError) as e:
                 status = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e), None)
         status = broadcast_from_main(status, info)
+        if status[0] == "no space":
+            raise NoSpaceError(status[1], out)
         if status[0] == "error":
             raise ValueError(status[1])
         _, state, meta = status

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..runfolder import is_disk_full, no_space_error
+
 # Wrapper keys, in the order tried. "ema" comes last: we only use it when nothing else is there.
 STATE_DICT_KEYS = ("model", "module", "state_dict", "ema")
 
@@ -241,18 +243,27 @@ def checkpoint_args(obj: Any) -> dict[str, Any]:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
-    ``path``: a crash at any point leaves either the old file or the new one, never half a file."""
+    ``path``: a crash at any point leaves either the old file or the new one, never half a file.
+
+    A full disk raises NoSpaceError (an OSError, errno ENOSPC) naming the folder; the temporary
+    file is removed and the previous file at ``path`` is left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    existed = os.path.exists(path)
     try:
         with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        # decide before removing the temporary file: its blocks are what filled the disk
+        full = isinstance(e, (OSError, RuntimeError)) and is_disk_full(e, folder)
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else None
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise no_space_error(path, written, existed) from None
         raise

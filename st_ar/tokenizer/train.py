@@ -48,7 +48,7 @@ from ..distributed import DistInfo, GracefulStop, all_reduce_mean, any_rank, cle
 from ..images import save_grid, to_uint8
 from ..models.loading import CheckpointError, atomic_save, read_checkpoint
 from ..models.vq import QuantizerOutput, VQConfig, VQModel
-from ..runfolder import lock_run_folder, remove_stale_temp_files
+from ..runfolder import lock_run_folder, remove_stale_temp_files, write_json_atomic
 from ..runlog import RunLogger
 from ..train import NonFiniteLoss
 from ..train.sampler import EpochSampler
@@ -830,8 +830,9 @@ def _train(
         load_checkpoint(state, ckpt)
     if main:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"train": config.to_dict(), "vq": dataclasses.asdict(state.model.config)}, f, indent=2)
+        write_json_atomic(
+            os.path.join(out, "config.json"), {"train": config.to_dict(), "vq": dataclasses.asdict(state.model.config)}
+        )
     start = state.step
     stop_step = config.steps if stop_at is None else min(stop_at, config.steps)
     sampler = StepBatches(
@@ -963,8 +964,7 @@ def _train(
         save_reconstruction_grid(
             state.eval_model, grid_images, os.path.join(out, "recon", f"step_{state.step:07d}.png")
         )
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(os.path.join(out, "eval.json"), results)
         print(
             f"held-out ({results['split']}, {results['images']} images, {results['weights']} weights): "
             f"PSNR {results['psnr']:.2f} dB (of mean MSE {results['psnr_of_mean_mse']:.2f} dB), "

@@ -50,7 +50,7 @@ from ..distributed import (
 from ..models.gpt import GPT, GPTConfig, save_gpt
 from ..models.loading import CheckpointError, read_checkpoint
 from ..objectives.total import STARObjective, no_gather
-from ..runfolder import lock_run_folder, remove_stale_temp_files
+from ..runfolder import lock_run_folder, remove_stale_temp_files, write_json_atomic
 from ..runlog import RunLogger
 from ..teacher import build_teacher, ema_schedule, update_ema
 from . import NonFiniteLoss
@@ -425,8 +425,7 @@ def _train_locked(cfg, dist_info, stop_at, state, loader, sampler) -> dict[str, 
     if os.path.exists(ckpt):
         load_checkpoint(state, ckpt)
     if dist_info.is_main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
+        write_json_atomic(os.path.join(out, "config.json"), to_dict(cfg))
     log = RunLogger(out, enabled=dist_info.is_main)
     previewer = Previewer(cfg, loader.dataset.meta, state.student.config, dist_info.device, dist_info.is_main)
     accum = cfg.optim.grad_accum
