@@ -134,6 +134,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mnist_codes, tmp_
             assert torch.equal(a[k], b[k]), k
 
 
+def test_metrics_after_a_resume_hold_each_step_once(mnist_codes, tmp_path):
+    import shutil
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(debug_cfg(mnist_codes, straight, "train.steps=6"))
+    # a run killed after logging steps 3 and 4 but before its step-4 checkpoint landed
+    cfg = debug_cfg(mnist_codes, resumed, "train.steps=6")
+    train(cfg, stop_at=2)
+    shutil.copy(resumed / "checkpoints/last.pt", tmp_path / "step2.pt")
+    train(cfg, stop_at=4)
+    shutil.copy(tmp_path / "step2.pt", resumed / "checkpoints/last.pt")
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss/ar"')  # and a line cut off by the kill
+    assert train(cfg)["finished"]
+    a = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    b = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):  # the repeated steps are the resumed run's, which equal the straight run's
+        assert x["loss/ar"] == pytest.approx(y["loss/ar"], rel=1e-5)
+
+
 def test_sample_grids_during_training_leave_the_run_unchanged(mnist_codes, tmp_path):
     from PIL import Image
 

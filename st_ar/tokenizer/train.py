@@ -850,7 +850,7 @@ def _train(
     eval_kwargs = dict(batch_size=per_rank * 2, device=device, num_workers=workers)
 
     # ============ loop ============
-    log = RunLogger(out, enabled=main)
+    log = RunLogger(out, enabled=main, resume_step=start)  # drops lines after the checkpoint
     bar = tqdm(total=config.steps, initial=start, unit="step", desc="tokenizer", disable=not main, dynamic_ncols=True)
     k = state.model.config.codebook_size
     window = torch.zeros(k, dtype=torch.long, device=device)  # code counts since the last log line

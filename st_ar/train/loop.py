@@ -402,7 +402,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
-    log = RunLogger(out, enabled=dist_info.is_main)
+    log = RunLogger(out, enabled=dist_info.is_main, resume_step=state.step)  # drops lines after the checkpoint
     previewer = Previewer(cfg, loader.dataset.meta, state.student.config, dist_info.device, dist_info.is_main)
     accum = cfg.optim.grad_accum
     seqs_per_step = cfg.optim.batch_size * cfg.objective.num_views
