@@ -208,10 +208,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mnist_codes, tmp_pa
     out = tmp_path / "nan"
     # an absurd learning rate: step 1 is finite, its update overflows the weights
     cfg = debug_cfg(mnist_codes, out, "train.steps=20", "train.save_every=1", "optim.lr=1e30", "optim.grad_clip=0")
-    with pytest.raises(NonFiniteLoss, match=r"(?s)non-finite .* at step \d+.*last good checkpoint"):
+    with pytest.raises(NonFiniteLoss, match=r"(?s)non-finite .* at step \d+.*last good checkpoint") as e:
         train(cfg)
     ckpt = read_checkpoint(out / "checkpoints/last.pt")
     assert ckpt["step"] >= 1
+    # the failed step is named as logs and checkpoints number it: the one after the last good one
+    logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert logged[-1] == ckpt["step"]
+    assert f"at step {ckpt['step'] + 1} (" in str(e.value)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 

@@ -211,7 +211,11 @@ def setup(cfg: RunConfig, dist_info: DistInfo) -> tuple[TrainState, DataLoader, 
 def train_step(
     state: TrainState, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int
 ) -> dict[str, float]:
-    """Forward/backward over the micro-batches, clip, AdamW, EMA. Returns this rank's metrics."""
+    """Forward/backward over the micro-batches, clip, AdamW, EMA. Returns this rank's metrics.
+
+    ``step`` is the number of steps done before this one (``state.step``); logs, checkpoints and
+    errors call this step ``step + 1``.
+    """
     cfg, device = state.cfg, state.dist.device
     state.model.train()
     gather = all_gather_rows if (cfg.objective.gather_negatives and state.dist.distributed) else no_gather
@@ -239,7 +243,9 @@ def train_step(
     if not bool(finite.item()):
         state.optimizer.zero_grad(set_to_none=True)
         detail = ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in sums.items())
-        raise NonFiniteLoss(f"non-finite loss or gradient at step {step} ({detail}, grad_norm={float(grad_norm):.4g})")
+        raise NonFiniteLoss(
+            f"non-finite loss or gradient at step {step + 1} ({detail}, grad_norm={float(grad_norm):.4g})"
+        )
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     decay = state.ema_decay(step)
