@@ -219,6 +219,33 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mnist_codes, tmp_pa
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+class Payload:  # an arbitrary pickled class: a checkpoint holding one is read only when trusted
+    pass
+
+
+def test_init_from_with_pickled_objects_needs_model_trust_checkpoint(mnist_codes, tmp_path):
+    from st_ar.models.gpt import GPTConfig, save_gpt
+    from st_ar.models.loading import CheckpointError
+
+    args = {"vocab_size": 64, "block_size": 64, "num_classes": 10}
+    start = GPT(GPTConfig.from_name("GPT-debug", **args))
+    path = tmp_path / "start.pt"
+    save_gpt(path, start.config, start.state_dict(), extra=Payload())
+    init = f"model.init_from={path}"
+    # the advice names the setting `st-ar train` takes, not another command's flag
+    with pytest.raises(CheckpointError, match="(?s)Payload.*model.trust_checkpoint=true") as e:
+        train(debug_cfg(mnist_codes, tmp_path / "refused", init, "train.steps=1"))
+    assert "--trust-checkpoint" not in str(e.value)
+    out = tmp_path / "trusted"
+    with pytest.warns(UserWarning, match="unrestricted"):
+        assert train(debug_cfg(mnist_codes, out, init, "train.steps=1", "model.trust_checkpoint=true"))["finished"]
+    # the setting may change when a run resumes, and it reaches the read of the run's checkpoint
+    plain = tmp_path / "plain"
+    train(debug_cfg(mnist_codes, plain, "train.steps=1"))
+    with pytest.warns(UserWarning, match=r"last\.pt with unrestricted"):
+        assert train(debug_cfg(mnist_codes, plain, "train.steps=2", "model.trust_checkpoint=true"))["step"] == 2
+
+
 def test_codes_that_do_not_fit_the_model_are_refused(mnist_codes, tmp_path):
     cfg = debug_cfg(mnist_codes, tmp_path / "x", 'model.args={"vocab_size": 128, "block_size": 64, "num_classes": 10}')
     with pytest.raises(ValueError, match="vocabulary"):

@@ -270,6 +270,7 @@ class GPT(nn.Module):
         *,
         model_args: Mapping[str, Any] | None = None,
         trust: bool = False,
+        trust_hint: str = "--trust-checkpoint",
         map_location: str | torch.device = "cpu",
     ) -> GPT:
         """Load our checkpoints (config inside) or LlamaGen's (``name`` and/or ``model_args`` needed).
@@ -277,7 +278,7 @@ class GPT(nn.Module):
         For a LlamaGen file the architecture is ``GPTConfig.from_name(name)`` updated with
         ``model_args`` (LlamaGen field names, e.g. block_size=576 for 384-px checkpoints).
         """
-        obj = read_checkpoint(path, trust=trust)
+        obj = read_checkpoint(path, trust=trust, trust_hint=trust_hint)
         source = os.fspath(path)
         stored = obj.get("config") if isinstance(obj, Mapping) and obj.get("kind") == CHECKPOINT_KIND else None
         if name is None and model_args is None:

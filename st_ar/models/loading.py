@@ -34,12 +34,13 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be used for the model asked for; the message says why."""
 
 
-def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False, trust_hint: str = "--trust-checkpoint") -> Any:
     """Load a checkpoint file without executing arbitrary pickled code.
 
     ``weights_only=True`` refuses argparse.Namespace, which LlamaGen's trainers store under
     "args"; that one type is allow-listed. Anything else outside the safe set is refused with a
     message naming it, unless ``trust=True`` (the file comes from someone you trust).
+    ``trust_hint`` is how the caller's command line turns trust on, named in that message.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -53,7 +54,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} holds Python objects outside the safe set, so it was not unpickled:\n  {_refused_global(e)}\n"
-            "If you trust this file, load it with trust=True (command line: --trust-checkpoint)."
+            f"If you trust this file, load it with trust=True (command line: {trust_hint})."
         ) from None
     except RuntimeError as e:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {_first_line(e)}") from None

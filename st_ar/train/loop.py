@@ -58,6 +58,7 @@ from .preview import Previewer
 from .sampler import EpochSampler
 
 CHECKPOINT_NAME = "last.pt"
+TRUST_HINT = "model.trust_checkpoint=true"  # how `st-ar train` allows pickled objects (loader errors name it)
 
 
 class StudentBundle(nn.Module):
@@ -116,7 +117,13 @@ def build_model(cfg: RunConfig, codes_meta: dict | None = None) -> GPT:
     if codes_meta is not None:
         check_codes_match(codes_meta, gpt_config.vocab_size, gpt_config.block_size)
     if cfg.model.init_from:
-        return GPT.from_checkpoint(cfg.model.init_from, cfg.model.name, model_args=cfg.model.args)
+        return GPT.from_checkpoint(
+            cfg.model.init_from,
+            cfg.model.name,
+            model_args=cfg.model.args,
+            trust=cfg.model.trust_checkpoint,
+            trust_hint=TRUST_HINT,
+        )
     return GPT(gpt_config)
 
 
@@ -307,7 +314,7 @@ def save_checkpoint(state: TrainState) -> str:
 
 
 def load_checkpoint(state: TrainState, path: str) -> None:
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust=state.cfg.model.trust_checkpoint, trust_hint=TRUST_HINT)
     stored = ckpt.get("run_config", {})
     _check_resumable(stored, to_dict(state.cfg), path)
     opts = StateDictOptions(full_state_dict=True, strict=True)
@@ -363,6 +370,7 @@ RESUMABLE_CHANGES = {
     ("train", "sample_every"),  # previews never touch the weights or the random streams
     ("train", "sample_tokenizer"),
     ("train", "sample_cfg_scale"),
+    ("model", "trust_checkpoint"),  # how files are read, not what is trained
 }
 
 
