@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -314,6 +315,42 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(mnist_codes, tmp_pa
     for part in ("student", "teacher"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], atol=1e-4, rtol=0, msg=f"{part}.{k}")
+
+
+def cli_flags(codes, out, *overrides):
+    model_args = '{"vocab_size": 64, "block_size": 64, "num_classes": 10}'
+    paths = [f"data.codes={codes}", f"train.out_dir={out}"]
+    return ["train", "--config", "debug", *paths, f"model.args={model_args}", *overrides]
+
+
+def test_cli_rerun_of_a_finished_run_says_so(mnist_codes, tmp_path, capsys):
+    from st_ar.cli import main
+
+    flags = cli_flags(mnist_codes, tmp_path / "run", "train.steps=2")
+    assert main(flags) == 0
+    assert re.search(r"^finished at step 2: total \d.*; checkpoint ", capsys.readouterr().out, re.M)
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    assert f"already finished at step 2; nothing to do. checkpoint {tmp_path / 'run'}" in out
+    assert str(tmp_path / "run" / "model.pt") in out and str(tmp_path / "run" / "ema.pt") in out
+    assert ": ;" not in out
+
+
+@pytest.mark.dist
+def test_cli_under_torchrun_reports_once(mnist_codes, tmp_path):
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    flags = cli_flags(mnist_codes, tmp_path / "run", "train.steps=2", "data.num_workers=0", "train.device=cpu")
+    result = subprocess.run(
+        [*launch, "-m", "st_ar.cli", *flags],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("finished at step 2") == 1, result.stdout
 
 
 def test_gradient_accumulation_equals_one_big_batch(mnist_codes, tmp_path):

@@ -397,7 +397,8 @@ def _check_resumable(stored: dict, current: dict, path: str) -> None:
 def train(cfg: RunConfig, *, stop_at: int | None = None) -> dict[str, Any]:
     """Run (or resume) a training run. ``stop_at`` ends it early at that step as Ctrl-C would.
 
-    Returns a summary: final step, last logged metrics, checkpoint path, whether it finished.
+    Returns a summary: final step, last logged metrics, checkpoint path, whether it finished, and
+    whether it had already finished before this call (then no step ran and no metrics are new).
     """
     dist_info = init_distributed(cfg.train.device)
     try:
@@ -412,6 +413,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
     ckpt = checkpoint_path(cfg)
     if os.path.exists(ckpt):
         load_checkpoint(state, ckpt)
+    already_finished = state.step >= cfg.train.steps
     if dist_info.is_main:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -469,7 +471,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
             finished = True
             save_checkpoint(state)
             _export(state)
-            return _summary(state, last, finished=True)
+            return _summary(state, last, finished=True, already_finished=already_finished)
         except NonFiniteLoss as e:
             have = os.path.exists(ckpt)
             raise NonFiniteLoss(
@@ -500,11 +502,12 @@ def _export(state: TrainState) -> None:
         save_gpt(os.path.join(out, "ema.pt"), state.student.config, weights["teacher"], **meta)
 
 
-def _summary(state: TrainState, last: dict, finished: bool) -> dict[str, Any]:
+def _summary(state: TrainState, last: dict, finished: bool, already_finished: bool = False) -> dict[str, Any]:
     return {
         "step": state.step,
         "metrics": last,
         "checkpoint": checkpoint_path(state.cfg),
         "finished": finished,
+        "already_finished": already_finished,
         "config": dataclasses.asdict(state.cfg),
     }
