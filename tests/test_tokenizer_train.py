@@ -421,7 +421,12 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     assert main([*common, *flags, "--steps", "2", "--eval-every", "1"]) == 0
     assert json.loads((run / "eval.json").read_text())["codebook_size"] == 32
     # resume needs no repeated flags; changing a training setting is refused with a message
+    capsys.readouterr()
     assert main([*common, "--resume", "--steps", "3"]) == 0
+    # stderr is not a terminal here: plain progress lines, no carriage-return redraws
+    err = capsys.readouterr().err
+    shown = [line for line in err.splitlines() if "/3 step" in line]
+    assert "\r" not in err and len(shown) == 1 and shown[0].startswith("tokenizer: 3/3 step (100%)")
     assert json.loads((run / "eval.json").read_text())["step"] == 3
     capsys.readouterr()
     assert main([*common, "--resume", "--steps", "4", "--lr", "0.1"]) == 2

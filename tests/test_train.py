@@ -328,7 +328,11 @@ def test_cli_rerun_of_a_finished_run_says_so(mnist_codes, tmp_path, capsys):
 
     flags = cli_flags(mnist_codes, tmp_path / "run", "train.steps=2")
     assert main(flags) == 0
-    assert re.search(r"^finished at step 2: total \d.*; checkpoint ", capsys.readouterr().out, re.M)
+    out, err = capsys.readouterr()
+    assert re.search(r"^finished at step 2: total \d.*; checkpoint ", out, re.M)
+    # stderr is not a terminal here: plain progress lines, no carriage-return redraws
+    shown = [line for line in err.splitlines() if "/2 step" in line]
+    assert "\r" not in err and len(shown) == 1 and shown[0].startswith("run: 2/2 step (100%)")
     assert main(flags) == 0
     out = capsys.readouterr().out
     assert f"already finished at step 2; nothing to do. checkpoint {tmp_path / 'run'}" in out

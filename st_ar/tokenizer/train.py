@@ -40,7 +40,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from ..data.datasets import open_dataset
 from ..data.transforms import center_crop_adm, fit_to_multiple, image_to_tensor
@@ -48,6 +47,7 @@ from ..distributed import DistInfo, GracefulStop, all_reduce_mean, any_rank, cle
 from ..images import save_grid, to_uint8
 from ..models.loading import CheckpointError, atomic_save, read_checkpoint
 from ..models.vq import QuantizerOutput, VQConfig, VQModel
+from ..progress import progress_bar
 from ..runlog import RunLogger
 from ..train import NonFiniteLoss
 from ..train.sampler import EpochSampler
@@ -851,7 +851,9 @@ def _train(
 
     # ============ loop ============
     log = RunLogger(out, enabled=main, resume_step=start)  # drops lines after the checkpoint
-    bar = tqdm(total=config.steps, initial=start, unit="step", desc="tokenizer", disable=not main, dynamic_ncols=True)
+    bar = progress_bar(
+        total=config.steps, initial=start, unit="step", desc="tokenizer", disable=not main, dynamic_ncols=True
+    )
     k = state.model.config.codebook_size
     window = torch.zeros(k, dtype=torch.long, device=device)  # code counts since the last log line
     saved_step = start if resume else -1

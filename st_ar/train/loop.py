@@ -33,7 +33,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..config import RunConfig, to_dict
 from ..data.codes import check_codes_match
@@ -50,6 +49,7 @@ from ..distributed import (
 from ..models.gpt import GPT, GPTConfig, save_gpt
 from ..models.loading import CheckpointError, read_checkpoint
 from ..objectives.total import STARObjective, no_gather
+from ..progress import progress_bar
 from ..runlog import RunLogger
 from ..teacher import build_teacher, ema_schedule, update_ema
 from . import NonFiniteLoss
@@ -425,7 +425,7 @@ def _train(cfg: RunConfig, dist_info: DistInfo, stop_at: int | None) -> dict[str
     tokens_per_step = seqs_per_step * state.student.config.block_size
     last: dict[str, float] = {}
     finished = False
-    bar = tqdm(
+    bar = progress_bar(
         total=cfg.train.steps,
         initial=state.step,
         disable=not dist_info.is_main,
