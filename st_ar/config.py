@@ -26,6 +26,7 @@ class ModelConfig:
     name: str = "GPT-S"  # a GPT preset (GPT-debug, GPT-T, GPT-S, GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-3B)
     args: dict[str, Any] = field(default_factory=dict)  # GPTConfig / LlamaGen ModelArgs fields to override
     init_from: str | None = None  # GPT checkpoint to fine-tune from (ours or LlamaGen's); projector starts fresh
+    trust_checkpoint: bool = False  # allow arbitrary pickled objects in init_from and the resumed checkpoint
 
 
 @dataclass

@@ -7,6 +7,10 @@
 
 ``metrics.jsonl`` is always written (easy to read back in tests and scripts); TensorBoard event
 files are written when the tensorboard package is installed.
+
+A run resumed from a checkpoint at step S passes ``resume_step=S``: the lines a killed run logged
+after S (steps it will now repeat) are dropped from metrics.jsonl, and TensorBoard hides its
+events after S, so each step appears once.
 """
 
 from __future__ import annotations
@@ -15,13 +19,20 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from typing import Any
 
 from .runfolder import NoSpaceError, is_disk_full
 
 
 class RunLogger:
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -29,6 +40,8 @@ class RunLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        if resume_step is not None:
+            truncate_metrics(self.jsonl_path, resume_step)
         self.jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             try:
@@ -36,7 +49,9 @@ class RunLogger:
             except ImportError:  # tensorboard not installed: the JSON lines still hold everything
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+                # purge_step hides the events a killed run wrote after the checkpoint
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=purge)
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -86,3 +101,37 @@ class RunLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> None:
+    """Keep the lines of a metrics.jsonl whose step is <= ``step``; the file is replaced atomically.
+
+    A line that does not parse (the last one, cut off by a kill) is dropped too.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return  # nothing to drop: leave the file untouched
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "x") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

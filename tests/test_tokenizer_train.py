@@ -362,6 +362,40 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, data):
     assert json.loads((run / "eval.json").read_text())["step"] == 3
 
 
+class Killed(Exception):
+    pass
+
+
+class CrashAt(Shapes):
+    """Raises when the given image is loaded, as if the process died there."""
+
+    def __init__(self, n, at):
+        super().__init__(n, seed=1)
+        self.at = at
+
+    def __getitem__(self, i):
+        if i == self.at:
+            raise Killed
+        return super().__getitem__(i)
+
+
+def test_metrics_after_a_resume_hold_each_step_once(tmp_path, data):
+    sets = dict(train_set=data[0], eval_set=data[1])
+    train(tiny_config(tmp_path / "straight", steps=6), **sets)
+    run = tmp_path / "run"
+    # saved at step 2, logged step 3, died loading step 4's batch
+    fourth = list(StepBatches(64, 8, start=3, stop=4, seed=0))[0][0]
+    with pytest.raises(Killed):
+        train(tiny_config(run, steps=6, save_every=2), train_set=CrashAt(64, fourth), eval_set=data[1])
+    assert torch.load(checkpoint_path(str(run)), weights_only=True)["step"] == 2
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    train(tiny_config(run, steps=6, save_every=2), resume=True, **sets)
+    steps = [m["step"] for m in read_metrics(run)]
+    assert steps == [m["step"] for m in read_metrics(tmp_path / "straight")]
+    trained = [m["step"] for m in read_metrics(run) if "loss/total" in m]
+    assert trained == [1, 2, 3, 4, 5, 6]
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +421,12 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     assert main([*common, *flags, "--steps", "2", "--eval-every", "1"]) == 0
     assert json.loads((run / "eval.json").read_text())["codebook_size"] == 32
     # resume needs no repeated flags; changing a training setting is refused with a message
+    capsys.readouterr()
     assert main([*common, "--resume", "--steps", "3"]) == 0
+    # stderr is not a terminal here: plain progress lines, no carriage-return redraws
+    err = capsys.readouterr().err
+    shown = [line for line in err.splitlines() if "/3 step" in line]
+    assert "\r" not in err and len(shown) == 1 and shown[0].startswith("tokenizer: 3/3 step (100%)")
     assert json.loads((run / "eval.json").read_text())["step"] == 3
     capsys.readouterr()
     assert main([*common, "--resume", "--steps", "4", "--lr", "0.1"]) == 2

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -135,6 +136,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mnist_codes, tmp_
             assert torch.equal(a[k], b[k]), k
 
 
+def test_metrics_after_a_resume_hold_each_step_once(mnist_codes, tmp_path):
+    import shutil
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(debug_cfg(mnist_codes, straight, "train.steps=6"))
+    # a run killed after logging steps 3 and 4 but before its step-4 checkpoint landed
+    cfg = debug_cfg(mnist_codes, resumed, "train.steps=6")
+    train(cfg, stop_at=2)
+    shutil.copy(resumed / "checkpoints/last.pt", tmp_path / "step2.pt")
+    train(cfg, stop_at=4)
+    shutil.copy(tmp_path / "step2.pt", resumed / "checkpoints/last.pt")
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss/ar"')  # and a line cut off by the kill
+    assert train(cfg)["finished"]
+    a = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    b = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):  # the repeated steps are the resumed run's, which equal the straight run's
+        assert x["loss/ar"] == pytest.approx(y["loss/ar"], rel=1e-5)
+
+
 def test_sample_grids_during_training_leave_the_run_unchanged(mnist_codes, tmp_path):
     from PIL import Image
 
@@ -188,11 +210,42 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(mnist_codes, tmp_pa
     out = tmp_path / "nan"
     # an absurd learning rate: step 1 is finite, its update overflows the weights
     cfg = debug_cfg(mnist_codes, out, "train.steps=20", "train.save_every=1", "optim.lr=1e30", "optim.grad_clip=0")
-    with pytest.raises(NonFiniteLoss, match=r"(?s)non-finite .* at step \d+.*last good checkpoint"):
+    with pytest.raises(NonFiniteLoss, match=r"(?s)non-finite .* at step \d+.*last good checkpoint") as e:
         train(cfg)
     ckpt = read_checkpoint(out / "checkpoints/last.pt")
     assert ckpt["step"] >= 1
+    # the failed step is named as logs and checkpoints number it: the one after the last good one
+    logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert logged[-1] == ckpt["step"]
+    assert f"at step {ckpt['step'] + 1} (" in str(e.value)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+class Payload:  # an arbitrary pickled class: a checkpoint holding one is read only when trusted
+    pass
+
+
+def test_init_from_with_pickled_objects_needs_model_trust_checkpoint(mnist_codes, tmp_path):
+    from st_ar.models.gpt import GPTConfig, save_gpt
+    from st_ar.models.loading import CheckpointError
+
+    args = {"vocab_size": 64, "block_size": 64, "num_classes": 10}
+    start = GPT(GPTConfig.from_name("GPT-debug", **args))
+    path = tmp_path / "start.pt"
+    save_gpt(path, start.config, start.state_dict(), extra=Payload())
+    init = f"model.init_from={path}"
+    # the advice names the setting `st-ar train` takes, not another command's flag
+    with pytest.raises(CheckpointError, match="(?s)Payload.*model.trust_checkpoint=true") as e:
+        train(debug_cfg(mnist_codes, tmp_path / "refused", init, "train.steps=1"))
+    assert "--trust-checkpoint" not in str(e.value)
+    out = tmp_path / "trusted"
+    with pytest.warns(UserWarning, match="unrestricted"):
+        assert train(debug_cfg(mnist_codes, out, init, "train.steps=1", "model.trust_checkpoint=true"))["finished"]
+    # the setting may change when a run resumes, and it reaches the read of the run's checkpoint
+    plain = tmp_path / "plain"
+    train(debug_cfg(mnist_codes, plain, "train.steps=1"))
+    with pytest.warns(UserWarning, match=r"last\.pt with unrestricted"):
+        assert train(debug_cfg(mnist_codes, plain, "train.steps=2", "model.trust_checkpoint=true"))["step"] == 2
 
 
 def test_codes_that_do_not_fit_the_model_are_refused(mnist_codes, tmp_path):
@@ -263,6 +316,46 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(mnist_codes, tmp_pa
     for part in ("student", "teacher"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], atol=1e-4, rtol=0, msg=f"{part}.{k}")
+
+
+def cli_flags(codes, out, *overrides):
+    model_args = '{"vocab_size": 64, "block_size": 64, "num_classes": 10}'
+    paths = [f"data.codes={codes}", f"train.out_dir={out}"]
+    return ["train", "--config", "debug", *paths, f"model.args={model_args}", *overrides]
+
+
+def test_cli_rerun_of_a_finished_run_says_so(mnist_codes, tmp_path, capsys):
+    from st_ar.cli import main
+
+    flags = cli_flags(mnist_codes, tmp_path / "run", "train.steps=2")
+    assert main(flags) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^finished at step 2: total \d.*; checkpoint ", out, re.M)
+    # stderr is not a terminal here: plain progress lines, no carriage-return redraws
+    shown = [line for line in err.splitlines() if "/2 step" in line]
+    assert "\r" not in err and len(shown) == 1 and shown[0].startswith("run: 2/2 step (100%)")
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    assert f"already finished at step 2; nothing to do. checkpoint {tmp_path / 'run'}" in out
+    assert str(tmp_path / "run" / "model.pt") in out and str(tmp_path / "run" / "ema.pt") in out
+    assert ": ;" not in out
+
+
+@pytest.mark.dist
+def test_cli_under_torchrun_reports_once(mnist_codes, tmp_path):
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    flags = cli_flags(mnist_codes, tmp_path / "run", "train.steps=2", "data.num_workers=0", "train.device=cpu")
+    result = subprocess.run(
+        [*launch, "-m", "st_ar.cli", *flags],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("finished at step 2") == 1, result.stdout
 
 
 def test_gradient_accumulation_equals_one_big_batch(mnist_codes, tmp_path):

@@ -19,12 +19,12 @@ from itertools import chain
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from ..images import save_grid
 from ..models.gpt import GPT
 from ..models.vq import VQModel
+from ..progress import progress_bar
 from ..runfolder import prepare_output_dir
 from ..sampling.generate import check_sampling_settings, generate_images
 from . import int_list, json_object, resolve_dtype
@@ -192,7 +192,7 @@ def sample_own_batches(model, vq, classes: list[int], args: argparse.Namespace, 
     mine = rank_batches(len(labels) // size, info)
     indices, codes, images = [], [], []
     # rank 0's bar counts its own samples times the number of processes, capped at the request
-    with tqdm(total=len(classes), unit="img", desc="sampling", disable=not info.is_main) as bar:
+    with progress_bar(total=len(classes), unit="img", desc="sampling", disable=not info.is_main) as bar:
         for j in mine:
             generator = torch.Generator(info.device).manual_seed(batch_seed(args.seed, j))
             batch_codes, batch_images = generate_images(

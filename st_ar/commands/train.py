@@ -6,15 +6,17 @@
 
 Settings are ``section.field=value`` (sections: model, data, objective, teacher, optim, train);
 `--show` prints the resolved configuration and exits. Running the same command again resumes
-from the run folder's last checkpoint.
+from the run folder's last checkpoint; on a finished run it says so and trains nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..config import PRESETS, apply_overrides, preset, to_dict
+from ..distributed import print0
 
 HELP = "train the baseline or ST-AR (resumes automatically)"
 
@@ -39,6 +41,14 @@ def run(args: argparse.Namespace) -> None:
     from ..train.loop import train  # torch-heavy imports only when training
 
     summary = train(cfg)
+    # under torchrun every rank returns the summary; rank 0 alone reports it
+    if summary["already_finished"]:
+        exports = [p for p in (os.path.join(cfg.train.out_dir, n) for n in ("model.pt", "ema.pt")) if os.path.exists(p)]
+        print0(
+            f"already finished at step {summary['step']}; nothing to do. checkpoint {summary['checkpoint']}; "
+            f"exports {', '.join(exports)}"
+        )
+        return
     state = "finished" if summary["finished"] else "stopped"
     losses = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in summary["metrics"].items() if k.startswith("loss/"))
-    print(f"{state} at step {summary['step']}: {losses}; checkpoint {summary['checkpoint']}")
+    print0(f"{state} at step {summary['step']}: {losses}; checkpoint {summary['checkpoint']}")

@@ -471,7 +471,7 @@ def extract_codes(
 
 
 def _encode_chunks(vq, dataset, out, meta, batches, info, num_workers, on_corrupt, progress, stop_after_chunks):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     chunk_size, count = meta["chunk_size"], meta["count"]
     codes = np.load(os.path.join(out, "codes.npy"), mmap_mode="r+")  # (N, K, T)
@@ -488,7 +488,9 @@ def _encode_chunks(vq, dataset, out, meta, batches, info, num_workers, on_corrup
     encoded_chunks = encoded_images = 0
     total = sum(len(b) for b in batches)
     desc = "extract" if not info.distributed else f"extract (rank 0 of {info.world_size})"
-    with tqdm(total=total, unit="img", desc=desc, disable=not (progress and info.is_main), smoothing=0.1) as bar:
+    with progress_bar(
+        total=total, unit="img", desc=desc, disable=not (progress and info.is_main), smoothing=0.1
+    ) as bar:
         for pixels, index, label, path, error in loader:
             with torch.no_grad():
                 batch_codes = tokenize_crops(vq, pixels.to(info.device, non_blocking=True)).cpu().numpy()

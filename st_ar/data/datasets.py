@@ -219,9 +219,9 @@ class FolderDataset(ImageDataset):
         bad = []
         indices = range(len(self))
         if progress:
-            from tqdm import tqdm
+            from ..progress import progress_bar
 
-            indices = tqdm(indices, desc="verify", unit="img")
+            indices = progress_bar(indices, desc="verify", unit="img")
         for i in indices:
             try:
                 self.read(i)

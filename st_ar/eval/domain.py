@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from ..data.datasets import cache_dir, open_dataset
+from ..progress import progress_bar
 from .metrics import feature_stats, frechet_distance
 
 SIZE = 32
@@ -153,7 +153,7 @@ def train_classifier(
     steps = epochs * -(-len(x) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
-    with tqdm(total=steps, desc="training domain classifier", disable=not progress) as bar:
+    with progress_bar(total=steps, desc="training domain classifier", disable=not progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=gen)
             for i in range(0, len(x), batch_size):

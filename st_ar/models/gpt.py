@@ -276,6 +276,7 @@ class GPT(nn.Module):
         *,
         model_args: Mapping[str, Any] | None = None,
         trust: bool = False,
+        trust_hint: str = "--trust-checkpoint",
         map_location: str | torch.device = "cpu",
     ) -> GPT:
         """Load our checkpoints (config inside) or LlamaGen's (``name`` and/or ``model_args`` needed).
@@ -283,7 +284,7 @@ class GPT(nn.Module):
         For a LlamaGen file the architecture is ``GPTConfig.from_name(name)`` updated with
         ``model_args`` (LlamaGen field names, e.g. block_size=576 for 384-px checkpoints).
         """
-        obj = read_checkpoint(path, trust=trust)
+        obj = read_checkpoint(path, trust=trust, trust_hint=trust_hint)
         source = os.fspath(path)
         if checkpoint_family(obj) == "VQ tokenizer":
             raise CheckpointError(

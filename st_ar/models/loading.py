@@ -36,13 +36,14 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be used for the model asked for; the message says why."""
 
 
-def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False, trust_hint: str = "--trust-checkpoint") -> Any:
     """Load a checkpoint file without executing arbitrary pickled code.
 
     ``weights_only=True`` refuses argparse.Namespace, which LlamaGen's trainers store under
     "args"; that one type is allow-listed. Anything else outside the safe set is refused with a
     message naming it, unless ``trust=True`` (the file comes from someone you trust). A file that
     is empty, truncated or not a torch checkpoint at all is a CheckpointError saying so.
+    ``trust_hint`` is how the caller's command line turns trust on, named in that message.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -64,7 +65,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
             raise CheckpointError(
                 f"{path} holds Python objects outside the safe set, so it was not unpickled:\n  "
                 f"{_refused_global(e)}\nIf you trust this file, load it with trust=True "
-                "(command line: --trust-checkpoint)."
+                f"(command line: {trust_hint})."
             ) from None
         raise _not_a_checkpoint(path, e) from None
     except Exception as e:  # torch.load fails on damaged files with EOFError, OSError, KeyError, ...

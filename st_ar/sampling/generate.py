@@ -18,9 +18,9 @@ import numbers
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ..images import to_uint8
+from ..progress import progress_bar
 from .kv_cache import KVCache
 
 
@@ -209,7 +209,7 @@ def generate_images(
     check_sampling_settings(**sampling)
     grid = (model.config.grid_size, model.config.grid_size)
     codes, images = [], []
-    with tqdm(total=len(labels), unit="img", desc=progress or "", disable=progress is None) as bar:
+    with progress_bar(total=len(labels), unit="img", desc=progress or "", disable=progress is None) as bar:
         for i in range(0, len(labels), batch_size):
             batch = generate(model, labels[i : i + batch_size], generator=generator, **sampling)
             codes.append(batch.cpu())

@@ -40,7 +40,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
 from ..data.datasets import open_dataset
 from ..data.transforms import center_crop_adm, fit_to_multiple, image_to_tensor
@@ -48,6 +47,7 @@ from ..distributed import DistInfo, GracefulStop, all_reduce_mean, any_rank, cle
 from ..images import save_grid, to_uint8
 from ..models.loading import CheckpointError, atomic_save, read_checkpoint
 from ..models.vq import QuantizerOutput, VQConfig, VQModel
+from ..progress import progress_bar
 from ..runfolder import lock_run_folder, remove_stale_temp_files, write_json_atomic
 from ..runlog import RunLogger
 from ..train import NonFiniteLoss
@@ -854,8 +854,10 @@ def _train(
     eval_kwargs = dict(batch_size=per_rank * 2, device=device, num_workers=workers)
 
     # ============ loop ============
-    log = RunLogger(out, enabled=main)
-    bar = tqdm(total=config.steps, initial=start, unit="step", desc="tokenizer", disable=not main, dynamic_ncols=True)
+    log = RunLogger(out, enabled=main, resume_step=start)  # drops lines after the checkpoint
+    bar = progress_bar(
+        total=config.steps, initial=start, unit="step", desc="tokenizer", disable=not main, dynamic_ncols=True
+    )
     k = state.model.config.codebook_size
     window = torch.zeros(k, dtype=torch.long, device=device)  # code counts since the last log line
     saved_step = start if resume else -1

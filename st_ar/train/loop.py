@@ -33,7 +33,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..config import RunConfig, to_dict
 from ..data.codes import check_codes_match, codes_identity, codes_identity_differences
@@ -50,6 +49,7 @@ from ..distributed import (
 from ..models.gpt import GPT, GPTConfig, save_gpt
 from ..models.loading import CheckpointError, read_checkpoint
 from ..objectives.total import STARObjective, no_gather
+from ..progress import progress_bar
 from ..runfolder import lock_run_folder, remove_stale_temp_files, write_json_atomic
 from ..runlog import RunLogger
 from ..teacher import build_teacher, ema_schedule, update_ema
@@ -59,6 +59,7 @@ from .preview import Previewer
 from .sampler import EpochSampler
 
 CHECKPOINT_NAME = "last.pt"
+TRUST_HINT = "model.trust_checkpoint=true"  # how `st-ar train` allows pickled objects (loader errors name it)
 
 
 class StudentBundle(nn.Module):
@@ -121,7 +122,13 @@ def build_model(cfg: RunConfig, codes_meta: dict | None = None) -> GPT:
     if codes_meta is not None:
         check_codes_match(codes_meta, gpt_config.vocab_size, gpt_config.block_size, gpt_config.num_classes)
     if cfg.model.init_from:
-        return GPT.from_checkpoint(cfg.model.init_from, cfg.model.name, model_args=cfg.model.args)
+        return GPT.from_checkpoint(
+            cfg.model.init_from,
+            cfg.model.name,
+            model_args=cfg.model.args,
+            trust=cfg.model.trust_checkpoint,
+            trust_hint=TRUST_HINT,
+        )
     return GPT(gpt_config)
 
 
@@ -217,7 +224,11 @@ def setup(cfg: RunConfig, dist_info: DistInfo) -> tuple[TrainState, DataLoader, 
 def train_step(
     state: TrainState, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int
 ) -> dict[str, float]:
-    """Forward/backward over the micro-batches, clip, AdamW, EMA. Returns this rank's metrics."""
+    """Forward/backward over the micro-batches, clip, AdamW, EMA. Returns this rank's metrics.
+
+    ``step`` is the number of steps done before this one (``state.step``); logs, checkpoints and
+    errors call this step ``step + 1``.
+    """
     cfg, device = state.cfg, state.dist.device
     state.model.train()
     gather = all_gather_rows if (cfg.objective.gather_negatives and state.dist.distributed) else no_gather
@@ -245,7 +256,9 @@ def train_step(
     if not bool(finite.item()):
         state.optimizer.zero_grad(set_to_none=True)
         detail = ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in sums.items())
-        raise NonFiniteLoss(f"non-finite loss or gradient at step {step} ({detail}, grad_norm={float(grad_norm):.4g})")
+        raise NonFiniteLoss(
+            f"non-finite loss or gradient at step {step + 1} ({detail}, grad_norm={float(grad_norm):.4g})"
+        )
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     decay = state.ema_decay(step)
@@ -308,7 +321,7 @@ def save_checkpoint(state: TrainState) -> str:
 
 
 def load_checkpoint(state: TrainState, path: str) -> None:
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust=state.cfg.model.trust_checkpoint, trust_hint=TRUST_HINT)
     stored = ckpt.get("run_config", {})
     _check_resumable(stored, to_dict(state.cfg), path)
     if ckpt.get("codes") is not None and state.codes is not None:
@@ -372,6 +385,7 @@ RESUMABLE_CHANGES = {
     ("train", "sample_every"),  # previews never touch the weights or the random streams
     ("train", "sample_tokenizer"),
     ("train", "sample_cfg_scale"),
+    ("model", "trust_checkpoint"),  # how files are read, not what is trained
 }
 
 
@@ -398,7 +412,8 @@ def _check_resumable(stored: dict, current: dict, path: str) -> None:
 def train(cfg: RunConfig, *, stop_at: int | None = None) -> dict[str, Any]:
     """Run (or resume) a training run. ``stop_at`` ends it early at that step as Ctrl-C would.
 
-    Returns a summary: final step, last logged metrics, checkpoint path, whether it finished.
+    Returns a summary: final step, last logged metrics, checkpoint path, whether it finished, and
+    whether it had already finished before this call (then no step ran and no metrics are new).
     """
     dist_info = init_distributed(cfg.train.device)
     try:
@@ -424,16 +439,17 @@ def _train_locked(cfg, dist_info, stop_at, state, loader, sampler) -> dict[str, 
         remove_stale_temp_files(out, os.path.dirname(ckpt))  # left by a save that was killed
     if os.path.exists(ckpt):
         load_checkpoint(state, ckpt)
+    already_finished = state.step >= cfg.train.steps
     if dist_info.is_main:
         write_json_atomic(os.path.join(out, "config.json"), to_dict(cfg))
-    log = RunLogger(out, enabled=dist_info.is_main)
+    log = RunLogger(out, enabled=dist_info.is_main, resume_step=state.step)  # drops lines after the checkpoint
     previewer = Previewer(cfg, loader.dataset.meta, state.student.config, dist_info.device, dist_info.is_main)
     accum = cfg.optim.grad_accum
     seqs_per_step = cfg.optim.batch_size * cfg.objective.num_views
     tokens_per_step = seqs_per_step * state.student.config.block_size
     last: dict[str, float] = {}
     finished = False
-    bar = tqdm(
+    bar = progress_bar(
         total=cfg.train.steps,
         initial=state.step,
         disable=not dist_info.is_main,
@@ -479,7 +495,7 @@ def _train_locked(cfg, dist_info, stop_at, state, loader, sampler) -> dict[str, 
             finished = True
             save_checkpoint(state)
             _export(state)
-            return _summary(state, last, finished=True)
+            return _summary(state, last, finished=True, already_finished=already_finished)
         except NonFiniteLoss as e:
             have = os.path.exists(ckpt)
             raise NonFiniteLoss(
@@ -510,11 +526,12 @@ def _export(state: TrainState) -> None:
         save_gpt(os.path.join(out, "ema.pt"), state.student.config, weights["teacher"], **meta)
 
 
-def _summary(state: TrainState, last: dict, finished: bool) -> dict[str, Any]:
+def _summary(state: TrainState, last: dict, finished: bool, already_finished: bool = False) -> dict[str, Any]:
     return {
         "step": state.step,
         "metrics": last,
         "checkpoint": checkpoint_path(state.cfg),
         "finished": finished,
+        "already_finished": already_finished,
         "config": dataclasses.asdict(state.cfg),
     }
