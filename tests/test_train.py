@@ -477,3 +477,140 @@ def test_config_and_metrics_on_a_full_disk_keep_what_was_written(small_disk):
     steps = [json.loads(line)["step"] for line in open(disk / "metrics.jsonl")]  # no half line at the end
     assert steps[0] == 1 and steps == list(range(1, len(steps) + 1))
     assert not [n for n in os.listdir(disk) if ".tmp-" in n]
+
+
+# ----------------------------------------------------------------------------- refusals before any write
+
+
+def test_resume_onto_other_codes_is_refused_and_a_moved_copy_is_not(mnist_codes, tmp_path):
+    import shutil
+
+    from st_ar.data.codes import extract_codes
+    from st_ar.data.datasets import open_dataset
+    from st_ar.models.loading import CheckpointError
+
+    out = tmp_path / "run"
+    train(debug_cfg(mnist_codes, out, "train.steps=2"))
+    config_before = (out / "config.json").read_text()
+    # the same tokenizer and shapes on the test split: only the codes' identity tells them apart
+    other = tmp_path / "test-codes"
+    extract_codes(
+        open_dataset("mnist", "test"),
+        os.path.join(os.path.dirname(mnist_codes), "vq.pt"),
+        other,
+        image_size=16,
+        limit=256,
+        batch_size=64,
+        progress=False,
+    )
+    with pytest.raises(CheckpointError, match=r'(?s)trained on other codes.*split: "train" in the run, "test" now'):
+        train(debug_cfg(other, out, "train.steps=3"))
+    assert (out / "config.json").read_text() == config_before  # nothing rewritten
+    assert read_checkpoint(out / "checkpoints/last.pt")["step"] == 2
+    moved = tmp_path / "moved-codes"
+    shutil.copytree(mnist_codes, moved)
+    assert train(debug_cfg(moved, out, "train.steps=3"))["step"] == 3
+
+
+def test_unknown_model_argument_is_named_before_the_run_folder(mnist_codes, tmp_path):
+    out = tmp_path / "run"
+    cfg = debug_cfg(
+        mnist_codes, out, 'model.args={"vocab_size": 64, "block_size": 64, "num_classes": 10, "n_layers": 3}'
+    )
+    with pytest.raises(
+        ValueError, match=r"model.args=.*unknown model argument\(s\) 'n_layers' \(did you mean 'n_layer'\?\)"
+    ):
+        train(cfg)
+    assert not out.exists()
+
+
+def test_fewer_model_classes_than_the_codes_have_are_refused_before_the_run_folder(mnist_codes, tmp_path):
+    out = tmp_path / "run"
+    cfg = debug_cfg(mnist_codes, out, 'model.args={"vocab_size": 64, "block_size": 64, "num_classes": 5}')
+    with pytest.raises(ValueError, match="codes have 10 classes but the model only 5"):
+        train(cfg)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- fine-tuning LlamaGen checkpoints
+
+
+@pytest.fixture(scope="module")
+def grid4_codes(tmp_path_factory):
+    """MNIST at 8 px through VQ-debug: 4x4 tokens of a 64-code vocabulary, the golden tiny GPT's shapes."""
+    from st_ar.data.codes import extract_codes
+    from st_ar.data.datasets import open_dataset
+
+    root = tmp_path_factory.mktemp("codes4")
+    torch.manual_seed(1)
+    VQModel(VQConfig.from_name("VQ-debug")).save(root / "vq.pt")
+    extract_codes(
+        open_dataset("mnist", "train"), root / "vq.pt", root / "codes", image_size=8, limit=64, progress=False
+    )
+    return str(root / "codes")
+
+
+GOLDEN_ARGS = 'model.args={"vocab_size": 64, "block_size": 16, "num_classes": 10}'
+
+
+def test_fine_tuning_starts_from_a_llamagen_checkpoint(gpt_golden, grid4_codes, tmp_path):
+    from st_ar.distributed import DistInfo
+    from st_ar.train.loop import setup
+
+    llamagen = tmp_path / "c2i_tiny.pt"
+    torch.save(gpt_golden["checkpoint"], llamagen)  # {"model": state_dict}, LlamaGen's own layout
+    out = tmp_path / "run"
+    cfg = debug_cfg(grid4_codes, out, GOLDEN_ARGS, f"model.init_from={llamagen}", "train.steps=2")
+    state, _, _ = setup(cfg, DistInfo())
+    golden = gpt_golden["checkpoint"]["model"]
+    student = state.student.state_dict()
+    assert student.keys() == golden.keys()
+    assert all(torch.equal(student[k], golden[k]) for k in golden)
+    # loaded, not merely shaped alike: the student computes LlamaGen's logits
+    with torch.no_grad():
+        logits = state.student.eval()(gpt_golden["idx"], gpt_golden["cond_idx"]).logits
+    torch.testing.assert_close(logits, gpt_golden["logits_eval"], atol=1e-5, rtol=0)
+    teacher = state.teacher.state_dict()
+    assert all(torch.equal(teacher[k], golden[k]) for k in golden)  # the EMA teacher starts as the student
+    assert not any(p.requires_grad for p in state.teacher.parameters())
+    # the projector is new (LlamaGen has none), sized for the student's width, and trained
+    proj = list(state.bundle.objective.parameters())
+    assert proj and proj[0].shape[-1] == 128 and all(p.requires_grad for p in proj)
+    assert not out.exists()  # setup alone writes nothing
+
+    summary = train(cfg)
+    assert summary["finished"] and summary["step"] == 2
+    tuned = read_checkpoint(out / "model.pt")["model"]
+    assert any(not torch.equal(tuned[k], golden[k]) for k in golden)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(np.isfinite(rows[-1][k]) for k in ("loss/ar", "loss/mim", "loss/step", "loss/view"))
+
+
+def test_a_llamagen_checkpoint_that_does_not_fit_is_refused_before_the_run_folder(gpt_golden, grid4_codes, tmp_path):
+    from st_ar.models.loading import CheckpointError
+
+    llamagen = tmp_path / "c2i_tiny.pt"
+    torch.save(gpt_golden["checkpoint"], llamagen)
+    out = tmp_path / "run"
+    deeper = 'model.args={"vocab_size": 64, "block_size": 16, "num_classes": 10, "n_layer": 3}'
+    with pytest.raises(CheckpointError, match=rf"(?s){llamagen} does not fit.*number of layers: file 2 vs model 3"):
+        train(debug_cfg(grid4_codes, out, deeper, f"model.init_from={llamagen}"))
+    assert not out.exists()
+
+
+def test_a_resumed_fine_tuning_run_does_not_need_its_init_file(gpt_golden, grid4_codes, tmp_path):
+    llamagen = tmp_path / "c2i_tiny.pt"
+    torch.save(gpt_golden["checkpoint"], llamagen)
+    out = tmp_path / "run"
+    first = train(debug_cfg(grid4_codes, out, GOLDEN_ARGS, f"model.init_from={llamagen}", "train.steps=4"), stop_at=2)
+    assert first["step"] == 2
+    llamagen.unlink()  # the checkpoint holds the weights now; the file it started from is not read again
+    assert train(debug_cfg(grid4_codes, out, GOLDEN_ARGS, f"model.init_from={llamagen}", "train.steps=4"))["step"] == 4
+
+
+def test_a_bad_preview_guidance_scale_is_refused_before_the_run_folder(mnist_codes, tmp_path):
+    out = tmp_path / "run"
+    cfg = debug_cfg(mnist_codes, out, "train.sample_every=1", "train.sample_cfg_scale=nan")
+    with pytest.raises(ValueError, match="train.sample_cfg_scale: cfg_scale must be a finite number >= 0"):
+        train(cfg)
+    assert not out.exists()

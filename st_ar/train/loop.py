@@ -52,6 +52,7 @@ from ..objectives.total import STARObjective, no_gather
 from ..progress import progress_bar
 from ..runfolder import lock_run_folder, remove_stale_temp_files, write_json_atomic
 from ..runlog import RunLogger
+from ..sampling.generate import check_sampling_settings
 from ..teacher import build_teacher, ema_schedule, update_ema
 from . import NonFiniteLoss
 from .parallel import full_tensor, shard_model
@@ -109,11 +110,12 @@ class TrainState:
 # ----------------------------------------------------------------------------- setup
 
 
-def build_model(cfg: RunConfig, codes_meta: dict | None = None) -> GPT:
+def build_model(cfg: RunConfig, codes_meta: dict | None = None, *, load_init: bool = True) -> GPT:
     """The student: fresh, or fine-tuned from ``model.init_from`` (LlamaGen's file or ours).
 
     Either way the architecture is ``model.name`` updated with ``model.args``; a file that does
-    not fit it is refused with the mismatch named.
+    not fit it is refused with the mismatch named. ``load_init=False`` (a resumed run, whose
+    checkpoint replaces the weights) skips reading ``init_from``.
     """
     try:
         gpt_config = GPTConfig.from_model_args(cfg.model.args, GPTConfig.from_name(cfg.model.name))
@@ -121,7 +123,7 @@ def build_model(cfg: RunConfig, codes_meta: dict | None = None) -> GPT:
         raise ValueError(f"model.name={cfg.model.name} model.args={json.dumps(cfg.model.args)}: {e}") from None
     if codes_meta is not None:
         check_codes_match(codes_meta, gpt_config.vocab_size, gpt_config.block_size, gpt_config.num_classes)
-    if cfg.model.init_from:
+    if cfg.model.init_from and load_init:
         return GPT.from_checkpoint(
             cfg.model.init_from,
             cfg.model.name,
@@ -147,11 +149,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def build_state(cfg: RunConfig, dist_info: DistInfo, codes_meta: dict | None = None) -> TrainState:
-    """Student, teacher, projector, optimizer and random streams of a run, ready for train_step."""
+def build_state(
+    cfg: RunConfig, dist_info: DistInfo, codes_meta: dict | None = None, *, resuming: bool = False
+) -> TrainState:
+    """Student, teacher, projector, optimizer and random streams of a run, ready for train_step
+    (``resuming``: a checkpoint will replace the weights, so ``model.init_from`` is not read)."""
     device = dist_info.device
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (teacher included)
-    student = build_model(cfg, codes_meta).to(device)
+    student = build_model(cfg, codes_meta, load_init=not resuming).to(device)
     gpt_cfg = student.config
     objective = STARObjective(cfg.objective, gpt_cfg.dim, gpt_cfg.n_layer).to(device)
     teacher = build_teacher(student) if cfg.objective.needs_teacher else None
@@ -213,7 +218,12 @@ def build_loader(cfg: RunConfig, dist_info: DistInfo, dataset: CodesDataset) -> 
 
 def setup(cfg: RunConfig, dist_info: DistInfo) -> tuple[TrainState, DataLoader, EpochSampler]:
     dataset = CodesDataset(cfg.data.codes, num_views=cfg.objective.num_views, seed=cfg.train.seed)
-    state = build_state(cfg, dist_info, dataset.meta)
+    if cfg.train.sample_every > 0:  # the previews' guidance scale, checked before any step
+        try:
+            check_sampling_settings(cfg_scale=cfg.train.sample_cfg_scale)
+        except ValueError as e:
+            raise ValueError(f"train.sample_cfg_scale: {e}") from None
+    state = build_state(cfg, dist_info, dataset.meta, resuming=os.path.exists(checkpoint_path(cfg)))
     loader, sampler = build_loader(cfg, dist_info, dataset)
     return state, loader, sampler
 
