@@ -614,3 +614,17 @@ def test_a_bad_preview_guidance_scale_is_refused_before_the_run_folder(mnist_cod
     with pytest.raises(ValueError, match="train.sample_cfg_scale: cfg_scale must be a finite number >= 0"):
         train(cfg)
     assert not out.exists()
+
+
+def test_an_empty_last_checkpoint_is_named_on_resume(mnist_codes, tmp_path, capsys):
+    from st_ar.cli import main
+
+    out = tmp_path / "run"
+    train(debug_cfg(mnist_codes, out, "train.steps=1"))
+    (out / "checkpoints" / "last.pt").write_bytes(b"")  # what a copy cut short leaves, say
+    args = [f"data.codes={mnist_codes}", f"train.out_dir={out}", "train.steps=2"]
+    args.append('model.args={"vocab_size": 64, "block_size": 64, "num_classes": 10}')
+    assert main(["train", "--config", "debug", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume the run in {out}: {out}/checkpoints/last.pt is empty (0 bytes)" in err
+    assert "move" in err and "Traceback" not in err

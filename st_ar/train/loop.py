@@ -331,7 +331,13 @@ def save_checkpoint(state: TrainState) -> str:
 
 
 def load_checkpoint(state: TrainState, path: str) -> None:
-    ckpt = read_checkpoint(path, trust=state.cfg.model.trust_checkpoint, trust_hint=TRUST_HINT)
+    try:
+        ckpt = read_checkpoint(path, trust=state.cfg.model.trust_checkpoint, trust_hint=TRUST_HINT)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"cannot resume the run in {state.cfg.train.out_dir}: {e}\nTo train this run from step 0 instead, "
+            f"move {path} out of the way (the run's other files are kept)."
+        ) from None
     stored = ckpt.get("run_config", {})
     _check_resumable(stored, to_dict(state.cfg), path)
     if ckpt.get("codes") is not None and state.codes is not None:
