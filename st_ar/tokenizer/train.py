@@ -769,7 +769,8 @@ def train(
     # took 6 s a step instead of 0.1 s. Flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
     try:
-        with deterministic_on_cpu(dist_info.device), lock_run_folder(config.out, "--out", dist_info):
+        lock = lock_run_folder(config.out, "--out", dist_info)  # on rank 0; released when the run ends
+        with deterministic_on_cpu(dist_info.device), contextlib.closing(lock):
             if dist_info.is_main:
                 remove_stale_temp_files(config.out, os.path.dirname(checkpoint_path(config.out)))
             return _train(config, dist_info, resume, train_set, eval_set, stop_at)
