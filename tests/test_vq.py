@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,6 @@ import torch
 from st_ar.models.loading import CheckpointError
 from st_ar.models.vq import VQ_PRESETS, VQConfig, VQModel, explain
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("ST_AR_GOLDEN", REPO.parent / "shared" / "golden"))
-GOLDEN_VQ = GOLDEN_DIR / "vq_small.pt"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,10 +69,8 @@ def _n_params(model: torch.nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def golden():
-    if not GOLDEN_VQ.exists():
-        pytest.skip(f"golden file {GOLDEN_VQ} not found (set ST_AR_GOLDEN to the folder holding vq_small.pt)")
-    return torch.load(GOLDEN_VQ, weights_only=True)
+def golden(vq_golden):
+    return vq_golden
 
 
 @pytest.fixture(scope="module")
