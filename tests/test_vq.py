@@ -12,8 +12,6 @@ import torch
 from st_ar.models.loading import CheckpointError
 from st_ar.models.vq import VQ_PRESETS, VQConfig, VQModel, explain
 
-
-
 # --------------------------------------------------------------------------------------------------
 # Parameter count computed from the architecture description, independently of the modules
 # --------------------------------------------------------------------------------------------------
