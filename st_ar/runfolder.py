@@ -14,7 +14,8 @@ import json
 import os
 import re
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 # Below this much free space after a failed write, the folder counts as full (torch reports a failed
 # write without errno; a write that ran out of space leaves the disk at or near zero).
@@ -136,7 +137,7 @@ class FolderLock:
         self.release()
 
 
-# the suffix our atomic writers give their temporary files: ".tmp-" and a uuid4 hex
+# the suffix atomic_write gives its temporary files: ".tmp-" and a uuid4 hex
 TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
 
@@ -170,10 +171,10 @@ def lock_run_folder(folder: str | os.PathLike, setting: str, info) -> FolderLock
             prepare_output_dir(folder, setting)
             lock.acquire()
         except (OutputFolderError, FolderInUse) as e:
-            error = (type(e).__name__, str(e))
+            error = e
     error = broadcast_from_main(error, info)
     if error is not None:
-        raise {"OutputFolderError": OutputFolderError, "FolderInUse": FolderInUse}[error[0]](error[1])
+        raise error
     return lock
 
 
@@ -225,23 +226,32 @@ def no_space_error(path: str | os.PathLike, written: int | None = None, existed:
     )
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    """JSON to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a crash or a
-    full disk leaves the old file or the new one, never half a file; a full disk raises NoSpaceError."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True) -> None:
+    """``write(file)`` into a temporary file in the same folder, flushed to disk, then renamed over ``path``:
+    a crash leaves the old file or the new one, never half a file. On a full disk the temporary file is
+    removed and NoSpaceError names the folder (the previous file at ``path`` is left as it was)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")  # TEMP_NAME
     existed = os.path.exists(path)
     try:
-        with open(tmp, "x") as f:
-            json.dump(obj, f, indent=indent)
+        with open(tmp, "xb" if binary else "x") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        full = isinstance(e, OSError) and is_disk_full(e, folder)
+        # decide before removing the temporary file: its blocks are what filled the disk
+        full = isinstance(e, (OSError, RuntimeError)) and is_disk_full(e, folder)
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else None
         if os.path.exists(tmp):
             os.unlink(tmp)
         if full:
-            raise no_space_error(path, existed=existed) from None
+            raise no_space_error(path, written, existed) from None
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """JSON through ``atomic_write``."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=indent), binary=False)

@@ -19,10 +19,9 @@ import contextlib
 import json
 import os
 import time
-import uuid
 from typing import Any
 
-from .runfolder import NoSpaceError, is_disk_full
+from .runfolder import NoSpaceError, atomic_write, is_disk_full
 
 
 class RunLogger:
@@ -123,15 +122,4 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> None:
             kept.append(line)
     if len(kept) == len(lines):
         return  # nothing to drop: leave the file untouched
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "x") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept)), binary=False)

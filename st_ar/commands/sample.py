@@ -14,7 +14,7 @@ import argparse
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from itertools import chain
 
 import numpy as np
@@ -25,7 +25,7 @@ from ..images import save_grid
 from ..models.gpt import GPT
 from ..models.vq import VQModel
 from ..progress import progress_bar
-from ..runfolder import prepare_output_dir
+from ..runfolder import atomic_write, prepare_output_dir
 from ..sampling.generate import check_sampling_settings, generate_images
 from . import int_list, json_object, resolve_dtype
 
@@ -227,7 +227,7 @@ def write_part(path: str, part: Part) -> None:
     arrays = {"indices": indices, "codes": codes}
     if images is not None:
         arrays["images"] = images
-    atomic_save(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read_part(path: str) -> Part:
@@ -260,24 +260,12 @@ def merge_parts(parts: Iterable[Part], n: int) -> tuple[np.ndarray, np.ndarray |
 
 def write_outputs(args: argparse.Namespace, codes: np.ndarray, images: np.ndarray | None, labels: np.ndarray) -> list:
     """codes.npy and, with images, samples.npz and grid.png; each file appears whole or not at all."""
-    atomic_save(os.path.join(args.out, "codes.npy"), lambda f: np.save(f, codes))
+    atomic_write(os.path.join(args.out, "codes.npy"), lambda f: np.save(f, codes))
     written = ["codes.npy"]
     if images is not None:
         # arr_0 first: readers that take the first array of the file get the images
-        atomic_save(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=images, labels=labels))
+        atomic_write(os.path.join(args.out, "samples.npz"), lambda f: np.savez(f, arr_0=images, labels=labels))
         nrow = args.per_class if args.per_class and args.per_class > 1 else None
         save_grid(images[:256], os.path.join(args.out, "grid.png"), nrow=nrow)
         written += ["samples.npz", "grid.png"]
     return written
-
-
-def atomic_save(path: str, write: Callable) -> None:
-    """``write(file)`` into a temporary file next to ``path``, then rename it over ``path``."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

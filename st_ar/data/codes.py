@@ -39,12 +39,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..distributed import DistInfo, barrier, broadcast_from_main
 from ..models.vq import VQModel
 from ..runfolder import (
-    FolderLock,
     NoSpaceError,
     free_bytes,
     is_disk_full,
+    lock_run_folder,
     megabytes,
-    prepare_output_dir,
     remove_stale_temp_files,
     write_json_atomic,
 )
@@ -415,14 +414,12 @@ def extract_codes(
     if count < 1:
         raise ValueError(f"nothing to extract: {dataset!r} with limit {limit}")
 
-    # rank 0 creates or checks the folder and holds its lock until this call returns (a second extraction
-    # into `out` is refused); the others learn the outcome, or the error, from it
-    with contextlib.closing(FolderLock(out, "--out")) as lock:
+    # rank 0 holds the folder's lock until this call returns (a second extraction into `out` is refused),
+    # and creates or checks the folder; the others learn the outcome, or the error, from it
+    with contextlib.closing(lock_run_folder(out, "--out", info)):
         status = None
         if info.is_main:
             try:
-                prepare_output_dir(out, "--out")
-                lock.acquire()
                 remove_stale_temp_files(out, os.path.join(out, "done"))
                 meta = build_meta(
                     dataset=dataset,

@@ -12,7 +12,6 @@ import argparse
 import os
 import pickle
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..runfolder import is_disk_full, no_space_error
+from ..runfolder import atomic_write
 
 # Wrapper keys, in the order tried. "ema" comes last: we only use it when nothing else is there.
 STATE_DICT_KEYS = ("model", "module", "state_dict", "ema")
@@ -180,18 +179,10 @@ def checkpoint_family(obj: Any) -> str | None:
 
     Lets a loader say "this is the other model" instead of a list of mismatched keys.
     """
-    if not isinstance(obj, Mapping):
+    try:
+        names = extract_state_dict(obj)
+    except CheckpointError:
         return None
-    sd = obj if obj and all(torch.is_tensor(v) for v in obj.values()) else None
-    for key in STATE_DICT_KEYS:
-        if sd is None and isinstance(obj.get(key), Mapping):
-            sd = obj[key]
-    names = set()
-    for name in sd or ():
-        for prefix in WRAPPER_PREFIXES:
-            while isinstance(name, str) and name.startswith(prefix):
-                name = name[len(prefix) :]
-        names.add(name)
     for family, keys in _FAMILY_KEYS.items():
         if any(k in names for k in keys):
             return family
@@ -243,28 +234,6 @@ def checkpoint_args(obj: Any) -> dict[str, Any]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
-    ``path``: a crash at any point leaves either the old file or the new one, never half a file.
-
-    A full disk raises NoSpaceError (an OSError, errno ENOSPC) naming the folder; the temporary
-    file is removed and the previous file at ``path`` is left as it was."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    existed = os.path.exists(path)
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        # decide before removing the temporary file: its blocks are what filled the disk
-        full = isinstance(e, (OSError, RuntimeError)) and is_disk_full(e, folder)
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else None
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if full:
-            raise no_space_error(path, written, existed) from None
-        raise
+    """torch.save through ``atomic_write``: a crash leaves the old file or the new one, never half a
+    file; a full disk raises NoSpaceError naming the folder and keeps the previous file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
