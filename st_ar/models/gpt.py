@@ -308,6 +308,8 @@ class GPT(nn.Module):
         if is_block_mask(attn_mask):
             resolve_attention_backend("flex", device, True)  # refuses cleanly without FlexAttention
             return attn_mask
+        if backend == "auto" and self.training and self.config.attn_dropout_p > 0:
+            return attn_mask  # FlexAttention has no attention dropout
         if resolve_attention_backend(backend, device, attn_mask is not None) == "flex":
             return block_mask_from_dense(attn_mask, B, S, device)
         return attn_mask

@@ -67,12 +67,19 @@ def block_mask_from_dense(mask: Tensor | None, batch: int, seq_len: int, device:
         return create_block_mask(causal, None, None, seq_len, seq_len, device=device)
     mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).to(device)
     heads = mask.shape[1]
-    dense = mask.expand(batch, heads, seq_len, seq_len)
+    if heads == 1:  # one mask for every head: the mask_mod must not index heads (h runs over all of them)
+        shared = mask[:, 0].expand(batch, seq_len, seq_len)
 
-    def allowed(b, h, q, kv):
-        return dense[b, h, q, kv]
+        def allowed(b, h, q, kv):
+            return shared[b, q, kv]
 
-    return create_block_mask(allowed, batch, heads if heads > 1 else None, seq_len, seq_len, device=device)
+        return create_block_mask(allowed, batch, None, seq_len, seq_len, device=device)
+    per_head = mask.expand(batch, heads, seq_len, seq_len)
+
+    def allowed_per_head(b, h, q, kv):
+        return per_head[b, h, q, kv]
+
+    return create_block_mask(allowed_per_head, batch, heads, seq_len, seq_len, device=device)
 
 
 @functools.cache
