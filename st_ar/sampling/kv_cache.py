@@ -88,12 +88,15 @@ class KVCache:
 
     def mark_static(self) -> KVCache:
         """Tell torch.compile the buffers live at fixed addresses (like module buffers), so CUDA
-        graphs may write into them in place instead of refusing a graph with mutated inputs."""
+        graphs may write into them in place instead of refusing a graph with mutated inputs.
+
+        Unguarded: another cache of the same shapes reuses the compiled graph (a CUDA graph is
+        then re-recorded for the new addresses, not recompiled)."""
         mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
         if mark is not None:
             for layer in self.layers:
-                mark(layer.k)
-                mark(layer.v)
+                mark(layer.k, guard=False)
+                mark(layer.v, guard=False)
         return self
 
     def keep_rows(self, rows: slice | Tensor) -> None:
