@@ -231,8 +231,8 @@ def generate(
     rows = cond.shape[0]
     if compile:
         cache = static_cache(model, rows)
-        step = compiled_decode_step(cond.device)
-        cuda = cond.device.type == "cuda"
+        step = compiled_decode_step(model.output.weight.device)
+        cuda = model.output.weight.device.type == "cuda"
         mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if cuda else None
 
         def decode(model, feed: Tensor, pos: int, cache: KVCache) -> Tensor:
