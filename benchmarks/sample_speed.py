@@ -1,8 +1,14 @@
-"""Sampling speed: KV cache vs full recomputation, fp32 vs bf16, against the matmul floor.
+"""Sampling speed: KV cache vs full recomputation, fp32 vs bf16, eager vs compiled, against floors.
 
 Measures, in one process and one run (so the figures can be compared with each other):
+  - memory bandwidth: a large tensor copy (bytes read + written per second);
   - cached decoding: ms per decode step and generated tokens/s for N images x T tokens with CFG
     (2N sequences per step), using the library's real ``generate``;
+  - compiled static decoding: the same with ``generate(compile=True)`` (one compiled graph for
+    every position; CUDA graphs on CUDA), its compile time apart (skip with --no-compile);
+  - the bandwidth floor: a decode step must read every weight of the blocks and the head once,
+    so weight bytes / bandwidth bounds it from below; each route prints the share of that floor
+    it reaches (floor / measured);
   - the matmul floor: the same step's linear layers alone at 2N rows (weights read once);
   - recomputation: one full forward over the whole prefix (what a step costs without a cache)
     at several prefix lengths, against a cached step at the same length;
@@ -11,6 +17,7 @@ Measures, in one process and one run (so the figures can be compared with each o
 
     python benchmarks/sample_speed.py                        # GPT-B and GPT-S, 4 images, 256 tokens
     python benchmarks/sample_speed.py --models GPT-S --tokens 64
+    python benchmarks/sample_speed.py --device cuda --no-recompute   # on a GPU
 """
 
 from __future__ import annotations
@@ -25,23 +32,52 @@ from st_ar.models.gpt import GPT, GPTConfig
 from st_ar.sampling import KVCache, decode_one_token, generate, prefill
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int = 3) -> float:
     """Best of ``repeats`` timed calls after one warm-up call, in seconds.
 
     The minimum, not the mean: on a shared machine the noise only ever adds time.
     """
     fn()  # warm-up: first calls allocate and pick kernels
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def random_model(name: str, seed: int = 0) -> GPT:
+def copy_bandwidth(device: torch.device, mib: int = 512) -> float:
+    """Bytes per second of a large device copy, counting the read and the write."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), repeats=5)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def decode_bytes(model: GPT, rows: int, num_tokens: int) -> tuple[int, int]:
+    """(weight bytes, mean KV-cache bytes) a decode step must read.
+
+    Weights: every parameter but the two embedding tables, of which a step reads a few rows.
+    KV cache: keys and values of every layer at the mean position of the eager path (the static
+    path reads the whole buffer).
+    """
+    skip = {id(model.tok_embeddings.weight), id(model.cls_embedding.embedding_table.weight)}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+    c = model.config
+    kv = 2 * c.n_layer * rows * c.kv_heads * c.head_dim * (1 + num_tokens / 2) * model.output.weight.element_size()
+    return weights, int(kv)
+
+
+def random_model(name: str, seed: int = 0, device: str = "cpu") -> GPT:
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_name(name)).eval()
+    model = GPT(GPTConfig.from_name(name)).to(device).eval()
     # LlamaGen zero-inits the head, which would make every logit 0; give it weights of the
     # same scale as the rest so sampling and greedy agreement mean something.
     torch.nn.init.normal_(model.output.weight, std=model.config.initializer_range)
@@ -51,7 +87,7 @@ def random_model(name: str, seed: int = 0) -> GPT:
 def matmul_floor_ms(model: GPT, rows: int) -> float:
     """Time of the decode step's linear layers alone (blocks + head) at ``rows`` rows."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {m: torch.randn(rows, 1, m.in_features, dtype=m.weight.dtype) for m in linears}
+    inputs = {m: torch.randn(rows, 1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears}
 
     @torch.no_grad()
     def step():
@@ -64,10 +100,11 @@ def matmul_floor_ms(model: GPT, rows: int) -> float:
 @torch.no_grad()
 def cached_step_ms(model: GPT, rows: int, prefix: int) -> float:
     """One decode step at sequence position ``prefix`` with a cache already holding the prefix."""
+    device = model.output.weight.device
     cache = KVCache.for_model(model, rows)
-    cond = torch.zeros(rows, dtype=torch.long)
+    cond = torch.zeros(rows, dtype=torch.long, device=device)
     prefill(model, cond, cache)
-    tokens = torch.randint(0, model.config.vocab_size, (rows, prefix))
+    tokens = torch.randint(0, model.config.vocab_size, (rows, prefix), device=device)
     model(tokens[:, : prefix - 1], kv_cache=cache, start_pos=1)  # fill positions 1..prefix-1
     return timed(lambda: decode_one_token(model, tokens[:, -1], prefix, cache), repeats=10) * 1e3
 
@@ -75,8 +112,9 @@ def cached_step_ms(model: GPT, rows: int, prefix: int) -> float:
 @torch.no_grad()
 def recompute_step_ms(model: GPT, rows: int, prefix: int) -> float:
     """Without a cache a step runs the whole sequence so far: class token + ``prefix`` tokens."""
-    cond = torch.zeros(rows, dtype=torch.long)
-    tokens = torch.randint(0, model.config.vocab_size, (rows, prefix))
+    device = model.output.weight.device
+    cond = torch.zeros(rows, dtype=torch.long, device=device)
+    tokens = torch.randint(0, model.config.vocab_size, (rows, prefix), device=device)
     return timed(lambda: model(tokens, cond), repeats=2) * 1e3
 
 
@@ -98,29 +136,56 @@ def greedy_agreement(ref: GPT, other: GPT, classes: torch.Tensor, num_tokens: in
     return free, forced
 
 
-def bench(name: str, images: int, num_tokens: int, cfg: float, recompute_at: list[int]) -> list[str]:
+def bench(
+    name: str,
+    images: int,
+    num_tokens: int,
+    cfg: float,
+    recompute_at: list[int],
+    device: str = "cpu",
+    compile: bool = True,
+    bandwidth: float | None = None,
+) -> list[str]:
     rows = 2 * images if cfg != 1.0 else images
-    classes = torch.arange(images)
+    classes = torch.arange(images, device=device)
     lines = []
-    model = random_model(name)
+    model = random_model(name, device=device)
     floor = matmul_floor_ms(model, rows)
     results = {}
-    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    # fp32 routes first: the cast to bf16 rounds the weights for good
+    routes = [(label, dtype, c) for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for c in (0, 1)]
+    routes = [r for r in routes if compile or not r[2]]
+    for label, dtype, compiled in routes:
         m = model.to(dtype)
-        gen = torch.Generator().manual_seed(0)
-        seconds = timed(
-            lambda m=m, gen=gen: generate(m, classes, num_tokens=num_tokens, cfg_scale=cfg, generator=gen), repeats=2
+        gen = torch.Generator(device).manual_seed(0)
+        run = lambda m=m, gen=gen, compiled=compiled: generate(
+            m, classes, num_tokens=num_tokens, cfg_scale=cfg, generator=gen, compile=compiled
         )
-        results[label] = seconds
+        note = []
+        if compiled:
+            start = time.perf_counter()
+            run()  # compiles the static step for this shape and dtype
+            sync()
+            note.append(f"compile + first run {time.perf_counter() - start:.0f} s")
+        seconds = timed(run, repeats=2)
+        results[(label, compiled)] = seconds
         ms = seconds / num_tokens * 1e3
-        lines.append(
-            f"| {name} | KV cache, {label} | {ms:.1f} | {images * num_tokens / seconds:.0f} | "
-            + (
-                f"{ms / floor:.2f}x matmul floor ({floor:.1f} ms)"
-                if label == "fp32"
-                else f"{results['fp32'] / seconds:.2f}x faster than fp32"
+        if label == "fp32" and not compiled:
+            note.append(f"{ms / floor:.2f}x matmul floor ({floor:.1f} ms)")
+        elif compiled:
+            note.append(f"speed-up over eager {label}: {results[(label, False)] / seconds:.2f}x")
+        else:
+            note.append(f"{results[('fp32', False)] / seconds:.2f}x faster than fp32")
+        if bandwidth:
+            weights, kv = decode_bytes(m, rows, num_tokens)
+            bw_floor = weights / bandwidth * 1e3
+            note.append(
+                f"bandwidth floor {bw_floor:.1f} ms ({weights / 1e6:.0f} MB weights; KV cache adds "
+                f"{kv / 1e6:.0f} MB), {bw_floor / ms:.0%} of it reached"
             )
-            + " |"
+        route = "static compiled" if compiled else "KV cache"
+        lines.append(
+            f"| {name} | {route}, {label} | {ms:.1f} | {images * num_tokens / seconds:.0f} | {'; '.join(note)} |"
         )
     model = model.to(torch.float32)
     for prefix in recompute_at:
@@ -132,7 +197,7 @@ def bench(name: str, images: int, num_tokens: int, cfg: float, recompute_at: lis
             f"| {name} | step at {prefix} tokens: recompute vs cache | {full:.0f} vs {cached:.1f} | | "
             f"cache {full / cached:.0f}x faster |"
         )
-    bf16 = random_model(name).to(torch.bfloat16)
+    bf16 = random_model(name, device=device).to(torch.bfloat16)
     free, forced = greedy_agreement(model, bf16, classes, num_tokens, cfg)
     lines.append(
         f"| {name} | bf16 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, {forced:.1%} teacher-forced |"
@@ -148,17 +213,31 @@ def main() -> None:
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--recompute-at", default="64,256", help="prefix lengths at which to time recomputation")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled static decode routes")
+    p.add_argument("--no-recompute", action="store_true", help="skip the recomputation comparison")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = platform.processor() or platform.machine()
-    print(f"# sample_speed  torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# sample_speed  torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     print(f"# {args.images} images x {args.tokens} tokens, CFG {args.cfg_scale}")
+    bandwidth = copy_bandwidth(device)
+    print(f"# memory bandwidth (512 MiB copy, read + write): {bandwidth / 1e9:.1f} GB/s")
     print("| model | case | ms / step | tokens / s | note |")
     print("|---|---|---|---|---|")
+    recompute_at = [] if args.no_recompute else [int(x) for x in args.recompute_at.split(",")]
     for name in args.models.split(","):
         for line in bench(
-            name, args.images, args.tokens, args.cfg_scale, [int(x) for x in args.recompute_at.split(",")]
+            name,
+            args.images,
+            args.tokens,
+            args.cfg_scale,
+            recompute_at,
+            device=args.device,
+            compile=not args.no_compile,
+            bandwidth=bandwidth,
         ):
             print(line, flush=True)
 

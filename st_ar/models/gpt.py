@@ -8,6 +8,13 @@ One forward serves training, analysis and KV-cache decoding:
 
 The sequence is [class token, x_0, ..., x_{T-2}] in training (``cond`` given, ``start_pos`` 0),
 and a chunk of image tokens at ``start_pos`` when decoding with a cache (``cond`` None).
+``start_pos`` may be a 0-d integer tensor: static decoding over the cache's whole fixed-length
+buffer with the slots after the position masked, one set of shapes for every position (what a
+compiled or CUDA-graphed decode step needs; sampling.generate(compile=True)).
+
+``attention`` ("auto", "sdpa" or "flex", per call or as ``model.attention_backend``) picks the
+kernel for full-sequence forwards; see models/layers.py. ``attn_mask`` may be a dense bool
+tensor or a FlexAttention ``BlockMask`` (which implies flex).
 Label dropout for classifier-free guidance is not done inside the forward (unlike LlamaGen):
 the training step calls ``drop_labels`` so that several views of one image share one decision.
 """
@@ -26,7 +33,16 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .layers import RMSNorm, TransformerBlock, rope_2d_table, round_up
+from .layers import (
+    ATTENTION_BACKENDS,
+    RMSNorm,
+    TransformerBlock,
+    block_mask_from_dense,
+    is_block_mask,
+    resolve_attention_backend,
+    rope_2d_table,
+    round_up,
+)
 from .loading import (
     CheckpointError,
     atomic_save,
@@ -191,6 +207,8 @@ class GPT(nn.Module):
         self.register_buffer("freqs_cis", self._rope_table(), persistent=False)
         # recompute each block in the backward pass instead of storing its activations
         self.activation_checkpointing = False
+        # kernel for full-sequence attention: "auto" (flex for masked forwards on CUDA), "sdpa", "flex"
+        self.attention_backend = "auto"
         if not self.freqs_cis.is_meta:
             self.init_weights()
 
@@ -220,25 +238,36 @@ class GPT(nn.Module):
         tokens: Tensor,  # (B, L) image token indices
         cond: Tensor | None = None,  # (B,) class labels; prepended as the class token when given
         *,
-        attn_mask: Tensor | None = None,  # bool, True = may attend, broadcastable to (B, H, S, S)
+        attn_mask=None,  # bool Tensor (True = may attend, broadcastable to (B, H, S, S)) or a BlockMask
         kv_cache=None,  # sampling.kv_cache.KVCache
-        start_pos: int = 0,  # sequence position of the first slot of this chunk
+        start_pos: int | Tensor = 0,  # sequence position of the first slot; a 0-d tensor = static decoding
         return_hidden: Iterable[int] = (),
         return_attention: Iterable[int] = (),  # blocks (1-based) whose attention maps to return
         logits: bool = True,  # False skips the final norm and head (EMA teacher, probes)
+        attention: str | None = None,  # "auto" | "sdpa" | "flex"; None = self.attention_backend
     ) -> ModelOutput:
         x = self.tok_embeddings(tokens)  # (B, L, dim)
+        static = isinstance(start_pos, Tensor)
         if cond is not None:
-            if start_pos != 0:
+            if static or start_pos != 0:
                 raise ValueError("the class token sits at position 0; pass cond only with start_pos=0")
             x = torch.cat([self.cls_embedding(cond)[:, None], x], dim=1)  # (B, S = 1 + L, dim)
-        S = x.shape[1]
-        if start_pos + S > self.freqs_cis.shape[0]:
-            raise ValueError(
-                f"sequence of {start_pos + S} positions exceeds the model's {self.freqs_cis.shape[0]} "
-                f"(1 class token + block_size {self.config.block_size})"
-            )
-        rope = self.freqs_cis[start_pos : start_pos + S]
+        B, S = x.shape[:2]
+        if static:
+            if kv_cache is None:
+                raise ValueError("a tensor start_pos (static decoding) needs a kv_cache")
+            # positions are data here: no host-side bounds check (it would sync and break a graph)
+            positions = start_pos + torch.arange(S, device=x.device)  # (S,)
+            rope = self.freqs_cis[positions]  # (S, head_dim/2, 2)
+            slots = torch.arange(kv_cache.max_len, device=x.device)
+            attn_mask = slots[None, :] <= positions[:, None]  # (S, max_len): filled slots up to each query
+        else:
+            if start_pos + S > self.freqs_cis.shape[0]:
+                raise ValueError(
+                    f"sequence of {start_pos + S} positions exceeds the model's {self.freqs_cis.shape[0]} "
+                    f"(1 class token + block_size {self.config.block_size})"
+                )
+            rope = self.freqs_cis[start_pos : start_pos + S]
         h = self.tok_dropout(x)
 
         want = set(return_hidden)
@@ -248,11 +277,12 @@ class GPT(nn.Module):
         maps = set(return_attention)
         if any(not 1 <= i <= self.config.n_layer for i in maps):
             raise ValueError(f"return_attention indices must lie in [1, {self.config.n_layer}], got {sorted(maps)}")
-        attention = {}
+        attn_mask = self._attention_mask(attn_mask, attention, B, S, x.device, kv_cache is not None or bool(maps))
+        attention_maps = {}
         for i, layer in enumerate(self.layers, start=1):
             layer_cache = kv_cache.layers[i - 1] if kv_cache is not None else None
             if i in maps:
-                h, attention[i] = layer(h, rope, attn_mask, layer_cache, start_pos, need_weights=True)
+                h, attention_maps[i] = layer(h, rope, attn_mask, layer_cache, start_pos, need_weights=True)
             elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, rope, attn_mask, None, 0, use_reentrant=False)
             else:
@@ -260,7 +290,29 @@ class GPT(nn.Module):
             if i in want:
                 hidden[i] = h
         out = self.output(self.norm(h)).float() if logits else None  # (B, S, vocab)
-        return ModelOutput(out, hidden, attention if maps else None)
+        return ModelOutput(out, hidden, attention_maps if maps else None)
+
+    def _attention_mask(self, attn_mask, attention: str | None, B: int, S: int, device, dense_only: bool):
+        """The mask in the form the chosen kernel takes: a BlockMask for flex, else as given.
+
+        Cached decoding and attention maps always take the dense path (a BlockMask given
+        there is refused); the BlockMask is built once per forward and shared by every layer.
+        """
+        backend = attention or self.attention_backend
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+        if dense_only:
+            if is_block_mask(attn_mask):
+                raise ValueError("a BlockMask serves full-sequence forwards only (no kv_cache, no attention maps)")
+            return attn_mask
+        if is_block_mask(attn_mask):
+            resolve_attention_backend("flex", device, True)  # refuses cleanly without FlexAttention
+            return attn_mask
+        if backend == "auto" and self.training and self.config.attn_dropout_p > 0:
+            return attn_mask  # FlexAttention has no attention dropout
+        if resolve_attention_backend(backend, device, attn_mask is not None) == "flex":
+            return block_mask_from_dense(attn_mask, B, S, device)
+        return attn_mask
 
     # ---------------------------------------------------------------- checkpoints
 

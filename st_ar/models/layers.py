@@ -1,15 +1,99 @@
 """Building blocks of the LlamaGen GPT: RMSNorm, SwiGLU, 2D RoPE and mask/cache-aware attention.
 
 Module and parameter names follow LlamaGen's so its checkpoints load without conversion.
+
+Attention runs through one of two kernels for full sequences (``ATTENTION_BACKENDS``):
+
+- ``"sdpa"``: ``F.scaled_dot_product_attention``, with ``is_causal`` when there is no mask (flash
+  kernel on GPU) or the dense boolean mask the caller built (no flash kernel: arbitrary masks
+  need the efficient or the math kernel, which compute the whole S x S score matrix);
+- ``"flex"``: FlexAttention (torch >= 2.5) with a ``BlockMask``, which skips the blocks above
+  the diagonal and evaluates the mask only in the blocks it cuts. A dense mask is turned into
+  a ``BlockMask`` once per forward (``block_mask_from_dense``).
+
+``"auto"`` picks flex for masked forwards on CUDA when FlexAttention exists, SDPA otherwise.
+On CPU it stays SDPA: this torch has no FlexAttention backward on CPU, and the compiled CPU
+forward measured slower than the dense-mask SDPA at 256 tokens (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # FlexAttention arrived in torch 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = create_block_mask = flex_attention = None
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+
+
+def flex_available() -> bool:
+    return flex_attention is not None
+
+
+def is_block_mask(mask) -> bool:
+    return BlockMask is not None and isinstance(mask, BlockMask)
+
+
+def resolve_attention_backend(backend: str, device: torch.device, masked: bool) -> str:
+    """``"auto"`` -> ``"flex"`` for masked forwards on CUDA with FlexAttention, else ``"sdpa"``."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+    if backend == "flex" and not flex_available():
+        raise RuntimeError(f"attention='flex' needs FlexAttention (torch >= 2.5); this is torch {torch.__version__}")
+    if backend == "auto":
+        return "flex" if masked and device.type == "cuda" and flex_available() else "sdpa"
+    return backend
+
+
+def block_mask_from_dense(mask: Tensor | None, batch: int, seq_len: int, device: torch.device):
+    """A FlexAttention ``BlockMask`` allowing what the bool ``mask`` allows (True = may attend).
+
+    ``mask`` broadcasts to (B, H, S, S) as SDPA's would; None is plain causal attention. The
+    mask_mod reads the dense tensor, so the kernel needs no knowledge of how it was built; a
+    caller who knows the structure can build a cheaper mask_mod (objectives.masks).
+    """
+    if mask is None:
+
+        def causal(b, h, q, kv):
+            return q >= kv
+
+        return create_block_mask(causal, None, None, seq_len, seq_len, device=device)
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).to(device)
+    heads = mask.shape[1]
+    if heads == 1:  # one mask for every head: the mask_mod must not index heads (h runs over all of them)
+        shared = mask[:, 0].expand(batch, seq_len, seq_len)
+
+        def allowed(b, h, q, kv):
+            return shared[b, q, kv]
+
+        return create_block_mask(allowed, batch, None, seq_len, seq_len, device=device)
+    per_head = mask.expand(batch, heads, seq_len, seq_len)
+
+    def allowed_per_head(b, h, q, kv):
+        return per_head[b, h, q, kv]
+
+    return create_block_mask(allowed_per_head, batch, heads, seq_len, seq_len, device=device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # FlexAttention is only fused under torch.compile; eager calls run an unfused reference that
+    # materialises the scores. Compiled once per process (per shape, dynamic=False).
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def run_flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    """(B, H, S, hd) x3 -> (B, H, S, hd); inside a compiled region the call is traced as is."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    kernel = flex_attention if compiling else _compiled_flex_attention()
+    return kernel(q, k, v, block_mask=block_mask)
 
 
 class RMSNorm(nn.Module):
@@ -64,23 +148,29 @@ def rope_2d_table(head_dim: int, grid: int, cls_token_num: int = 1, base: float 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (B, S, H, D) by table (S, D/2, 2).
 
-    Each pair is a complex number and (cos, sin) another, so the rotation is one complex
-    product (computed in fp32 whatever the activation dtype).
+    (x0, x1) -> (x0·cos − x1·sin, x1·cos + x0·sin), in fp32 whatever the activation dtype. The
+    same product as LlamaGen's complex multiply, written in real arithmetic so that Inductor
+    can fuse it (it has no code generation for complex tensors).
     """
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, H, D/2)
-    rot = torch.view_as_complex(table)[None, :, None, :]  # (1, S, 1, D/2)
-    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, S, H, D/2, 2)
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]  # (1, S, 1, D/2)
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
     """Causal multi-head attention with a fused [q | k | v] projection (grouped k/v heads allowed).
 
-    Three ways to run it:
+    Ways to run it:
       - full sequence, no mask: causal SDPA (flash/efficient kernels on GPU);
       - full sequence with ``attn_mask`` (bool, True = may attend, broadcastable to
         (B, H, S, S)): the caller's mask replaces causality, so it must include it;
-      - with a KV cache: keys/values of this chunk are written at ``start_pos`` and the chunk
-        attends over the whole cached prefix.
+      - full sequence with a FlexAttention ``BlockMask`` as ``attn_mask``: flex_attention;
+      - with a KV cache and an int ``start_pos``: keys/values of this chunk are written at
+        ``start_pos`` and the chunk attends over the whole cached prefix;
+      - with a KV cache and a tensor ``start_pos`` (static decoding): the cache hands back its
+        whole fixed-length buffer and ``attn_mask`` (S, max_len), built by the caller, hides
+        the slots after each query's position.
     """
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int, attn_dropout: float, resid_dropout: float):
@@ -96,9 +186,9 @@ class Attention(nn.Module):
         self,
         x: Tensor,  # (B, S, dim)
         rope: Tensor,  # (S, head_dim/2, 2)
-        attn_mask: Tensor | None = None,
+        attn_mask=None,  # bool Tensor, a BlockMask, or None (causal)
         kv_cache=None,  # a per-layer view of sampling.kv_cache.KVCache
-        start_pos: int = 0,
+        start_pos: int | Tensor = 0,
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """(B, S, dim) -> (B, S, dim); with ``need_weights`` also the (B, H, S, keys) attention
@@ -113,8 +203,12 @@ class Attention(nn.Module):
 
         is_causal = attn_mask is None
         if kv_cache is not None:
-            k, v = kv_cache.update(start_pos, k, v)  # (B, H_kv, start_pos + S, hd)
-            if S == 1:
+            k, v = kv_cache.update(start_pos, k, v)  # (B, H_kv, start_pos + S or max_len, hd)
+            if isinstance(start_pos, Tensor):
+                if attn_mask is None:
+                    raise ValueError("static decoding (tensor start_pos) needs the position mask as attn_mask")
+                is_causal = False
+            elif S == 1:
                 is_causal = False  # one new query may see every cached key
             elif attn_mask is None and start_pos > 0:
                 # a chunk after a prefix: query i sits at start_pos + i
@@ -124,6 +218,13 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if is_block_mask(attn_mask):
+            if need_weights:
+                raise ValueError("attention maps need the dense path (attention='sdpa')")
+            if self.training and self.attn_dropout_p > 0:
+                raise ValueError("FlexAttention has no attention dropout; use attention='sdpa' with attn_dropout_p > 0")
+            out = run_flex_attention(q, k, v, attn_mask)  # (B, H, S, hd)
+            return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, S, q_size)))
         if need_weights:
             scores = (q @ k.transpose(-1, -2)).float() * self.head_dim**-0.5  # (B, H, S, keys)
             if attn_mask is None:
@@ -135,6 +236,8 @@ class Attention(nn.Module):
             # One query over the cached keys: two small matmuls beat the fused kernel's set-up
             # cost on CPU (about 1.5x at 8 sequences x 200 keys), and the result is the same.
             weights = (q @ k.transpose(-1, -2)).float() * self.head_dim**-0.5  # (B, H, 1, T)
+            if attn_mask is not None:  # static cache: slots after the position are empty
+                weights = weights.masked_fill(~attn_mask, float("-inf"))
             out = weights.softmax(-1).type_as(v) @ v
             return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, S, q_size)))
         out = F.scaled_dot_product_attention(
@@ -172,7 +275,13 @@ class TransformerBlock(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(
-        self, x: Tensor, rope: Tensor, attn_mask=None, kv_cache=None, start_pos: int = 0, need_weights: bool = False
+        self,
+        x: Tensor,
+        rope: Tensor,
+        attn_mask=None,
+        kv_cache=None,
+        start_pos: int | Tensor = 0,
+        need_weights: bool = False,
     ):
         a = self.attention(self.attention_norm(x), rope, attn_mask, kv_cache, start_pos, need_weights)
         a, weights = a if need_weights else (a, None)

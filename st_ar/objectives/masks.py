@@ -1,9 +1,17 @@
-"""Attention masks built by the objectives and consumed by the model (True = may attend)."""
+"""Attention masks built by the objectives and consumed by the model (True = may attend).
+
+The ST-AR key mask comes in two forms that allow the same attention: a dense (B, 1, S, S) bool
+tensor for SDPA (``key_masked_causal_mask``) and a FlexAttention ``BlockMask`` whose mask_mod
+reads only the (B, S) hidden-key flags (``key_masked_block_mask``, torch >= 2.5). The model takes
+either; given the dense one with attention="flex" it builds a BlockMask from it itself.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..models.layers import create_block_mask, flex_available
 
 
 def key_masked_causal_mask(hidden_keys: Tensor) -> Tensor:
@@ -17,6 +25,22 @@ def key_masked_causal_mask(hidden_keys: Tensor) -> Tensor:
     own = torch.eye(S, dtype=torch.bool, device=hidden_keys.device)
     allowed = causal & (~hidden_keys[:, None, :] | own)  # (B, S, S): query rows, key columns
     return allowed[:, None]
+
+
+def key_masked_block_mask(hidden_keys: Tensor):
+    """The ``key_masked_causal_mask`` of ``hidden_keys`` (B, S) bool as a FlexAttention BlockMask.
+
+    Causal, and a hidden key is visible to its own query only. Blocks above the diagonal are
+    skipped; the rest are partial (hidden keys are spread at random), where the mask_mod runs.
+    """
+    if not flex_available():
+        raise RuntimeError(f"a BlockMask needs FlexAttention (torch >= 2.5); this is torch {torch.__version__}")
+    B, S = hidden_keys.shape
+
+    def allowed(b, h, q, kv):
+        return (q >= kv) & (~hidden_keys[b, kv] | (q == kv))
+
+    return create_block_mask(allowed, B, None, S, S, device=hidden_keys.device)
 
 
 def sample_hidden_keys(
