@@ -11,7 +11,8 @@
 #   benchmarks/gpu_check.sh --dry-run         # CPU, tiny sizes: every part and the table, a few minutes
 #
 # Each part runs under its own time limit and within the total budget (GPU_CHECK_BUDGET seconds,
-# default 570); a part that fails or times out is a row of the table and the next part still runs.
+# default 570; 1500 for the dry run, whose limits are generous for a busy CPU); a part that fails
+# or times out is a row of the table and the next part still runs.
 # Nothing is installed or downloaded: it uses $PYTHON, else .venv/bin/python, else python3, with the
 # checkout on PYTHONPATH. Work files go to $OUT/gpu_check (or a temporary folder) and the table to
 # $OUT/gpu_check.md as well when OUT is set. TRAIN_SET adds run-config overrides to the train part,
@@ -40,7 +41,7 @@ export PYTHONUNBUFFERED=1
 
 if [ -n "${OUT:-}" ]; then WORK="$OUT/gpu_check"; else WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"; fi
 rm -rf "$WORK" && mkdir -p "$WORK"
-BUDGET="${GPU_CHECK_BUDGET:-570}"
+BUDGET="${GPU_CHECK_BUDGET:-$([ "$DRY" = 1 ] && echo 1500 || echo 570)}"
 START=$(date +%s)
 RESERVE=15 # seconds kept for the table
 
@@ -78,15 +79,15 @@ for s in ${TRAIN_SET:-}; do TRAIN_EXTRA+=(--set "$s"); done
 
 if [ "$DRY" = 1 ]; then
     # on a CPU the gpu tests skip; the rest runs at tiny sizes through the same code
-    part tests 120 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="" \
+    part tests 300 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="" \
         --junitxml="$WORK/tests.xml"
-    part train 120 "$PY" benchmarks/train_step.py --device cpu --models GPT-debug --block-size 16 \
+    part train 300 "$PY" benchmarks/train_step.py --device cpu --models GPT-debug --block-size 16 \
         --precisions bf16 --variants baseline,star --sequences 4 --repeats 1 --no-memory \
         --json "$WORK/train.json" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
-    part decode 120 "$PY" benchmarks/gpu_check.py decode --device cpu --model GPT-debug --batches 2,4 \
+    part decode 300 "$PY" benchmarks/gpu_check.py decode --device cpu --model GPT-debug --batches 2,4 \
         --precision fp32 --repeats 1 --no-compile --json "$WORK/decode.json"
-    part smoke 240 "$PY" benchmarks/smoke_imagenet.py --tiny --device cpu --out "$WORK/smoke" \
-        --json "$WORK/smoke.json" --timeout 120
+    part smoke 500 "$PY" benchmarks/smoke_imagenet.py --tiny --device cpu --out "$WORK/smoke" \
+        --json "$WORK/smoke.json" --timeout 200
 else
     part tests 170 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="" \
         --junitxml="$WORK/tests.xml"

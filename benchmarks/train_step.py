@@ -86,7 +86,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int | None = None, 
     Through ``F.linear``, the call every nn.Linear of the model makes: on a CPU a plain bf16 ``a @ b``
     takes a path about 10x slower than the oneDNN kernel that linear (and autocast) use.
     """
-    n = n or (8192 if device.type == "cuda" else 1024)
+    n = n or (8192 if device.type == "cuda" else 512)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     iters = 20 if device.type == "cuda" else 2

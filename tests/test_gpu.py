@@ -121,7 +121,8 @@ def test_compiled_training_forward_has_no_graph_breaks():
     full = torch.compile(student, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = full(seqs[:, :-1], labels, attn_mask=mask, return_hidden=want)
-        out.logits.float().mean().backward()
+    (out.logits.float().mean() + sum(h.float().mean() for h in out.hidden.values())).backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.no_grad():
             torch.compile(state.teacher, fullgraph=True)(seqs[:, :-1], labels, return_hidden=want, logits=False)
     # and the run itself (train.compile=true) trains
@@ -131,43 +132,61 @@ def test_compiled_training_forward_has_no_graph_breaks():
 
 # ----------------------------------------------------------------------------- FlexAttention
 
-FLEX_NAMES = ("flex", "attention", "attn_impl", "attn_backend", "attention_backend", "attention_impl", "attn")
+FLEX_NAMES = ("flex", "attention", "attn_impl", "attn_backend", "attention_backend", "attention_impl")
 
 
-def flex_setting() -> str | None:
-    """The run-config override that selects the FlexAttention student, if this checkout has one."""
+def flex_selector():
+    """How this checkout selects the attention kernel of the masked student, as ``use(backend) ->
+    (overrides, after_build)``, or None when it cannot: a run-config field named like FLEX_NAMES, else
+    the model's ``attention_backend`` attribute ("sdpa" / "flex")."""
     from st_ar.config import ModelConfig
+    from st_ar.models.gpt import GPT, GPTConfig
     from st_ar.objectives.total import ObjectiveConfig
 
     for section, cls in (("train", TrainConfig), ("model", ModelConfig), ("objective", ObjectiveConfig)):
         for f in dataclasses.fields(cls):
             if any(n in f.name.lower() for n in FLEX_NAMES):
-                hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-                return f"{section}.{f.name}={'true' if 'bool' in hint else 'flex'}"
+                if "bool" in str(f.type):
+                    return lambda backend, key=f"{section}.{f.name}": ([f"{key}={backend == 'flex'}"], None)
+                return lambda backend, key=f"{section}.{f.name}": ([f"{key}={backend}"], None)
+    with torch.device("meta"):
+        probe = GPT(GPTConfig.from_name("GPT-debug"))
+    if hasattr(probe, "attention_backend"):
+
+        def after_build(state, backend):
+            for model in (state.student, state.teacher):
+                if model is not None:
+                    model.attention_backend = backend
+
+        return lambda backend: ([], after_build)
     return None
 
 
 def test_flex_attention_matches_sdpa():
-    setting = flex_setting()
-    if setting is None:
-        pytest.skip(
-            "no FlexAttention setting in TrainConfig / ModelConfig / ObjectiveConfig yet (looked for a field "
-            f"named like {', '.join(FLEX_NAMES)}); this test runs once the FlexAttention student is merged"
-        )
-
     from st_ar.objectives.total import no_gather
 
-    # state.model's gather argument: one rank, nothing to gather
-    def run(*extra):
-        state = build(tiny_cfg("train.precision=fp32", *extra))
+    use = flex_selector()
+    if use is None:
+        pytest.skip(
+            "no FlexAttention selection in this checkout (no run-config field named like "
+            f"{', '.join(FLEX_NAMES)}, no GPT.attention_backend); this test runs once the FlexAttention student "
+            "is merged"
+        )
+
+    def run(backend):
+        overrides, after_build = use(backend)
+        state = build(tiny_cfg("train.precision=fp32", *overrides))
+        if after_build is not None:
+            after_build(state, backend)
         tokens, labels = (t.cuda() for t in fixed_batch(state))
+        # state.model's last argument gathers negatives across ranks: one rank, nothing to gather
         total, losses = state.model(state.teacher, tokens, labels, state.generator, state.shared_generator, no_gather)
         total.backward()
         grads = {n: p.grad.detach().clone() for n, p in state.bundle.named_parameters() if p.grad is not None}
         return {k: v.detach() for k, v in {"total": total, **losses}.items()}, grads
 
-    sdpa_losses, sdpa_grads = run()
-    flex_losses, flex_grads = run(setting)
+    sdpa_losses, sdpa_grads = run("sdpa")
+    flex_losses, flex_grads = run("flex")
     assert sdpa_losses.keys() == flex_losses.keys()
     for k in sdpa_losses:
         torch.testing.assert_close(flex_losses[k], sdpa_losses[k], rtol=1e-5, atol=1e-5, msg=f"loss {k}")
