@@ -40,7 +40,7 @@ def decode(args: argparse.Namespace) -> None:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name(args.model))
+    model = GPT(GPTConfig.from_name(args.model, **json.loads(args.model_args)))
     torch.nn.init.normal_(model.output.weight, std=0.02)  # LlamaGen's zero head would make every logit equal
     model = model.to(device=device, dtype=dtype).eval()
     can_compile = "compile" in inspect.signature(generate).parameters
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("decode", help="sampling tokens/s per batch size")
     d.add_argument("--model", default="GPT-B")
     d.add_argument("--batches", default="8,64,256")
+    d.add_argument("--model-args", default="{}", metavar="JSON", help="GPTConfig fields over the preset")
     d.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     d.add_argument("--cfg-scale", type=float, default=2.0, help="2.0: CFG doubles the rows (LlamaGen's B setting)")
     d.add_argument("--repeats", type=int, default=2)

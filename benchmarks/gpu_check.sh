@@ -85,6 +85,7 @@ if [ "$DRY" = 1 ]; then
         --precisions bf16 --variants baseline,star --sequences 4 --repeats 1 --no-memory \
         --json "$WORK/train.json" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
     part decode 300 "$PY" benchmarks/gpu_check.py decode --device cpu --model GPT-debug --batches 2,4 \
+        --model-args '{"vocab_size": 64, "block_size": 16}' \
         --precision fp32 --repeats 1 --no-compile --json "$WORK/decode.json"
     part smoke 500 "$PY" benchmarks/smoke_imagenet.py --tiny --device cpu --out "$WORK/smoke" \
         --json "$WORK/smoke.json" --timeout 200
