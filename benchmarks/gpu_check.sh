@@ -98,7 +98,7 @@ else
     part train-L 110 "$PY" benchmarks/train_step.py --device cuda --models GPT-L --precisions bf16 \
         --variants baseline,star --sequences 64 --repeats 5 --no-memory --json "$WORK/train-L.json" \
         ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
-    part decode 130 "$PY" benchmarks/gpu_check.py decode --device cuda --model GPT-B --batches 8,64,256 \
+    part decode 160 "$PY" benchmarks/gpu_check.py decode --device cuda --model GPT-B --batches 8,64,256 \
         --precision bf16 --json "$WORK/decode.json"
     part smoke 120 "$PY" benchmarks/smoke_imagenet.py --device cuda --out "$WORK/smoke" \
         --json "$WORK/smoke.json" --timeout 90

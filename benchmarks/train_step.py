@@ -279,7 +279,7 @@ def bench(
         )
         rows.append(row)
     if drift is not None:
-        rows[0]["baseline_drift"] = drift
+        next(r for r in rows if r["variant"] == "baseline")["baseline_drift"] = drift
     return rows
 
 
