@@ -85,6 +85,12 @@ def decode(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- table
 
 
+def _rate(flops_per_s: float | None) -> str:
+    if not flops_per_s:
+        return "?"
+    return f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.1f} GFLOP/s"
+
+
 def _read(path: Path) -> str | None:
     return path.read_text() if path.exists() else None
 
@@ -154,7 +160,7 @@ def train_rows(work: Path) -> list[tuple[str, str, str, str]]:
                     "train step",
                     f"{r['model']} {r['precision']} {r['variant']} ({r['images']} images x {r['views']} views)",
                     f"{r['steps_per_s']:.2f} steps/s",
-                    f"{verdict} vs measured {r['precision']} peak {peak / 1e12:.1f} TFLOP/s; "
+                    f"{verdict} vs measured {r['precision']} peak {_rate(peak)}; "
                     f"{r['s_per_image'] * 1e3:.1f} ms/image",
                 )
             )
