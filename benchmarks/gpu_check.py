@@ -160,8 +160,7 @@ def train_rows(work: Path) -> list[tuple[str, str, str, str]]:
                     "train step",
                     f"{r['model']} {r['precision']} {r['variant']} ({r['images']} images x {r['views']} views)",
                     f"{r['steps_per_s']:.2f} steps/s",
-                    f"{verdict} vs measured {r['precision']} peak {_rate(peak)}; "
-                    f"{r['s_per_image'] * 1e3:.1f} ms/image",
+                    f"{verdict} vs measured {r['precision']} peak {_rate(peak)}; {r['s_per_image'] * 1e3:.1f} ms/image",
                 )
             )
     for part in sorted({p.stem for p in work.glob("train*.rc")}):
