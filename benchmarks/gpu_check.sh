@@ -87,8 +87,8 @@ if [ "$DRY" = 1 ]; then
     part decode 300 "$PY" benchmarks/gpu_check.py decode --device cpu --model GPT-debug --batches 2,4 \
         --model-args '{"vocab_size": 64, "block_size": 16}' \
         --precision fp32 --repeats 1 --no-compile --json "$WORK/decode.json"
-    part smoke 500 "$PY" benchmarks/smoke_imagenet.py --tiny --device cpu --out "$WORK/smoke" \
-        --json "$WORK/smoke.json" --timeout 200
+    part smoke 600 "$PY" benchmarks/smoke_imagenet.py --tiny --device cpu --out "$WORK/smoke" \
+        --json "$WORK/smoke.json" --timeout 300
 else
     part tests 170 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts="" \
         --junitxml="$WORK/tests.xml"
