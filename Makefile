@@ -44,3 +44,23 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+.PHONY: smoke-imagenet bench-train gpu-check gpu-check-dry
+
+# The paper's ImageNet path at its real shapes on 6 generated JPEGs: extract (VQ-16, ten crops) ->
+# train imagenet-b-star for 2 steps -> sample -> eval fid. SMOKE_ARGS="--device cuda", "--keep", ...
+smoke-imagenet: venv
+	$(PY) benchmarks/smoke_imagenet.py $(SMOKE_ARGS)
+
+# The cost side of ST-AR: every objective variant, per sequence and per image, MFU against measured peaks.
+bench-train: venv
+	$(PY) benchmarks/train_step.py --models GPT-B --variants all $(BENCH_ARGS)
+
+# One GPU, at most 10 minutes, one table (docs/performance.md). No venv step: the GPU machine is offline,
+# so the script uses $(VENV) when it exists and the python3 on PATH otherwise.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+# The same script on the CPU at tiny sizes (a few minutes), and the test that checks its table.
+gpu-check-dry:
+	ST_AR_DRY_RUN=1 $(PY) -m pytest -q tests/test_gpu_check.py -k dry_run
