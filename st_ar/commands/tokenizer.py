@@ -66,12 +66,14 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _settings_help() -> str:
-    lines = [
-        f"  {f.name}={json.dumps(f.default) if f.default is not dataclasses.MISSING else '{}'}"
-        for f in dataclasses.fields(TokenizerTrainConfig)
-        if f.name != "out"
-    ]
-    return f"settings and their defaults (presets for preset=: {', '.join(VQ_PRESETS)}):\n" + "\n".join(lines)
+    defaults = TokenizerTrainConfig().to_dict()
+    lines = [f"  {name}={_shown(value)}" for name, value in defaults.items() if name != "out"]
+    return f"settings (field=value) and their defaults; presets: {', '.join(VQ_PRESETS)}\n" + "\n".join(lines)
+
+
+def _shown(value) -> str:
+    """A default as it would be typed: none, true, 1e-3, mnist, {"ch": 64}."""
+    return value if isinstance(value, str) else json.dumps(value).replace("null", "none")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
