@@ -21,7 +21,22 @@ from .objectives.settings import ObjectiveConfig
 from .settings import apply_settings, build, parse_value
 from .teacher import TeacherConfig
 
-__all__ = ["RunConfig", "apply_overrides", "from_dict", "parse_value", "preset", "to_dict", "PRESETS"]
+__all__ = [
+    "BASELINE",
+    "PRESETS",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "parse_value",  # re-exported: settings.parse_value
+    "preset",
+    "to_dict",
+]
 
 
 @dataclass
