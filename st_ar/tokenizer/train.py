@@ -29,7 +29,6 @@ piece of state, so N steps + resume + N steps gives the weights of 2N uninterrup
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import os
@@ -55,7 +54,7 @@ from ..models.vq import QuantizerOutput, VQConfig, VQModel
 from ..progress import progress_bar
 from ..runfolder import lock_run_folder, remove_stale_temp_files, write_json_atomic
 from ..runlog import RunLogger
-from ..teacher import ema_schedule, update_ema
+from ..teacher import build_teacher, ema_schedule, update_ema
 from ..train import NonFiniteLoss, runtime
 from ..train.runtime import autocast_for, capture_rng, check_finite, check_resumable, param_groups, restore_rng
 from ..train.sampler import StepBatches
@@ -359,7 +358,7 @@ def build_state(config: TokenizerTrainConfig, dist_info: DistInfo) -> TrainState
         autocast=autocast_for(config.precision, device),
     )
     if config.ema_decay > 0:
-        state.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        state.ema = build_teacher(model)  # a frozen copy in eval mode
         state.ema_decay = ema_schedule("warmup", config.ema_decay, config.steps)
     if config.gan_weight > 0:
         smallest = PatchDiscriminator.min_image_size(config.disc_layers)
