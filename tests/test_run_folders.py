@@ -98,9 +98,9 @@ def extract_args(codes_root, out):
 
 def tokenizer_args(images, out):
     return (
-        ["tokenizer", "train", "--out", str(out), "--dataset", str(images), "--preset", "VQ-debug"]
-        + ["--image-size", "16", "--batch-size", "4", "--steps", "1", "--eval-every", "0", "--device", "cpu"]
-        + ["--num-workers", "0", "--vq-args", '{"codebook_size": 32}']
+        ["tokenizer", "train", "--out", str(out), f"dataset={images}", "preset=VQ-debug"]
+        + ["image_size=16", "batch_size=4", "steps=1", "eval_every=0", "device=cpu"]
+        + ["num_workers=0", 'vq_args={"codebook_size": 32}']
     )
 
 

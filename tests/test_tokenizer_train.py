@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from st_ar.cli import main
+from st_ar.models.loading import CheckpointError
 from st_ar.models.vq import VQConfig, VQModel
 from st_ar.tokenizer import (
     NonFiniteLossError,
@@ -28,7 +29,8 @@ from st_ar.tokenizer import (
     psnr,
     train,
 )
-from st_ar.tokenizer.train import StepBatches, TokenizerImages, checkpoint_path, deterministic_on_cpu
+from st_ar.tokenizer.train import TokenizerImages, checkpoint_path, deterministic_on_cpu
+from st_ar.train.sampler import StepBatches
 
 
 class Shapes(torch.utils.data.Dataset):
@@ -114,13 +116,25 @@ def test_usage_and_perplexity_hand_values():
     assert perplexity(torch.tensor([0, 7, 0])) == pytest.approx(1.0)
 
 
+def step_batches(size, batch, start, stop, **kw) -> list[list[int]]:
+    sampler = StepBatches(size, batch, **kw)
+    sampler.set_steps(start, stop)
+    return list(sampler)
+
+
 def test_step_batches_cover_epochs_and_resume_mid_epoch():
-    full = list(StepBatches(10, 3, start=0, stop=7, seed=5))  # 3 batches per epoch, 1 image dropped
+    full = step_batches(10, 3, 0, 7, seed=5)  # 3 batches per epoch, 1 image dropped
     assert all(len(b) == 3 for b in full)
     assert len(set(sum(full[:3], []))) == 9 and full[:3] != full[3:6]  # epochs shuffle differently
-    assert list(StepBatches(10, 3, start=4, stop=7, seed=5)) == full[4:]
-    ranks = [list(StepBatches(10, 2, start=0, stop=2, seed=5, rank=r, world=2)) for r in range(2)]
+    assert step_batches(10, 3, 4, 7, seed=5) == full[4:]
+    ranks = [step_batches(10, 2, 0, 2, seed=5, rank=r, world_size=2) for r in range(2)]
     assert not set(sum(ranks[0], [])) & set(sum(ranks[1], []))  # ranks see disjoint images
+    # accumulation: a step is `accum` consecutive batches, the leftover batch of an epoch is dropped
+    accum = step_batches(10, 2, 0, 4, seed=5, accum=2)  # 5 batches per epoch -> 2 steps
+    assert accum[:4] == step_batches(10, 2, 0, 4, seed=5)[:4] and len(accum) == 8
+    assert accum[4:] == step_batches(10, 2, 2, 4, seed=5, accum=2)
+    with pytest.raises(ValueError, match="fewer than one step's batch"):
+        StepBatches(10, 4, accum=2, world_size=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,14 +224,31 @@ def test_resume_is_exact_with_a_cosine_schedule(tmp_path, data):
     assert_same_run(tmp_path / "straight", tmp_path / "split")
 
 
-def test_resume_refuses_changed_settings_and_fresh_run_refuses_existing(tmp_path, data):
-    train(tiny_config(tmp_path / "run", steps=1), train_set=data[0], eval_set=data[1])
-    with pytest.raises(ValueError, match="already holds a run"):
-        train(tiny_config(tmp_path / "run", steps=2), train_set=data[0], eval_set=data[1])
-    with pytest.raises(ValueError, match="lr: checkpoint 0.002, now 0.001"):
-        train(tiny_config(tmp_path / "run", steps=2, lr=1e-3), resume=True, train_set=data[0], eval_set=data[1])
+def test_a_run_folder_resumes_by_itself_and_refuses_changed_settings(tmp_path, data):
+    sets = dict(train_set=data[0], eval_set=data[1])
+    train(tiny_config(tmp_path / "straight", steps=2), **sets)
+    train(tiny_config(tmp_path / "run", steps=1), **sets)
+    train(tiny_config(tmp_path / "run", steps=2), **sets)  # no resume=True: the folder holds a run
+    assert_same_run(tmp_path / "straight", tmp_path / "run")
+    with pytest.raises(CheckpointError, match="lr: checkpoint 0.002, now 0.001"):
+        train(tiny_config(tmp_path / "run", steps=3, lr=1e-3), **sets)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        train(tiny_config(tmp_path / "other", steps=2), resume=True, train_set=data[0], eval_set=data[1])
+        train(tiny_config(tmp_path / "other", steps=2), resume=True, **sets)
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, data):
+    run = tmp_path / "run"
+    train(tiny_config(run, steps=1), train_set=data[0], eval_set=data[1])
+    ckpt = torch.load(checkpoint_path(str(run)), weights_only=True)
+    assert len(ckpt["rng"]) == ckpt["world_size"] == 1  # every rank's streams
+    ckpt["rng"], ckpt["world_size"] = ckpt["rng"] * 2, 2
+    torch.save(ckpt, checkpoint_path(str(run)))
+    with pytest.raises(CheckpointError, match="written by 2 processes, this run has 1"):
+        train(tiny_config(run, steps=2), train_set=data[0], eval_set=data[1])
+    # a file from before every rank's streams were kept (one dict, rank 0's) still resumes
+    ckpt["rng"], ckpt["world_size"] = ckpt["rng"][0], 1
+    torch.save(ckpt, checkpoint_path(str(run)))
+    assert train(tiny_config(run, steps=2), train_set=data[0], eval_set=data[1])["step"] == 2
 
 
 def test_run_folder_is_complete_and_tokenizer_loads(tmp_path, data):
@@ -238,7 +269,7 @@ def test_run_folder_is_complete_and_tokenizer_loads(tmp_path, data):
         "disc_optimizer",
     } <= set(ckpt)
     assert {"dead_code_counts", "rng", "world_size"} <= set(ckpt)
-    assert ckpt["step"] == 4 and ckpt["discriminator"] is None and torch.is_tensor(ckpt["rng"]["torch"])
+    assert ckpt["step"] == 4 and ckpt["discriminator"] is None and torch.is_tensor(ckpt["rng"][0]["torch"])  # per rank
     assert ckpt["config"]["preset"] == "VQ-debug"
 
     vq = VQModel.from_checkpoint(run / "tokenizer.pt")  # no preset name needed
@@ -353,7 +384,7 @@ class InterruptAt(Shapes):
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, data):
     run = tmp_path / "run"
-    first = list(StepBatches(64, 8, start=0, stop=1, seed=0))[0][0]  # an image of step 1's batch
+    first = step_batches(64, 8, 0, 1, seed=0)[0][0]  # an image of step 1's batch
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(run, steps=5), train_set=InterruptAt(64, first), eval_set=data[1])
     assert torch.load(checkpoint_path(str(run)), weights_only=True)["step"] == 1
@@ -384,7 +415,7 @@ def test_metrics_after_a_resume_hold_each_step_once(tmp_path, data):
     train(tiny_config(tmp_path / "straight", steps=6), **sets)
     run = tmp_path / "run"
     # saved at step 2, logged step 3, died loading step 4's batch
-    fourth = list(StepBatches(64, 8, start=3, stop=4, seed=0))[0][0]
+    fourth = step_batches(64, 8, 3, 4, seed=0)[0][0]
     with pytest.raises(Killed):
         train(tiny_config(run, steps=6, save_every=2), train_set=CrashAt(64, fourth), eval_set=data[1])
     assert torch.load(checkpoint_path(str(run)), weights_only=True)["step"] == 2
@@ -416,21 +447,28 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     write_folder(tmp_path / "images", 8)
     run = tmp_path / "run"
     common = ["tokenizer", "train", "--out", str(run)]
-    flags = ["--dataset", str(tmp_path / "images"), "--preset", "VQ-debug", "--image-size", "16"]
-    flags += ["--batch-size", "4", "--vq-args", '{"codebook_size": 32}', "--device", "cpu", "--num-workers", "0"]
-    assert main([*common, *flags, "--steps", "2", "--eval-every", "1"]) == 0
+    flags = [f"dataset={tmp_path / 'images'}", "preset=VQ-debug", "image_size=16"]
+    flags += ["batch_size=4", 'vq_args={"codebook_size": 32}', "device=cpu", "num_workers=0"]
+    assert main([*common, *flags, "steps=2", "eval_every=1"]) == 0
     assert json.loads((run / "eval.json").read_text())["codebook_size"] == 32
-    # resume needs no repeated flags; changing a training setting is refused with a message
+    # resume needs no repeated settings; changing a training setting is refused with a message
     capsys.readouterr()
-    assert main([*common, "--resume", "--steps", "3"]) == 0
+    assert main([*common, "steps=3"]) == 0
     # stderr is not a terminal here: plain progress lines, no carriage-return redraws
     err = capsys.readouterr().err
     shown = [line for line in err.splitlines() if "/3 step" in line]
     assert "\r" not in err and len(shown) == 1 and shown[0].startswith("tokenizer: 3/3 step (100%)")
     assert json.loads((run / "eval.json").read_text())["step"] == 3
     capsys.readouterr()
-    assert main([*common, "--resume", "--steps", "4", "--lr", "0.1"]) == 2
+    assert main([*common, "steps=4", "lr=0.1"]) == 2
     assert "lr: checkpoint 0.001, now 0.1" in capsys.readouterr().err
+    assert main([*common, "--resume", "steps=4", "lrr=0.1"]) == 2
+    assert "unknown tokenizer setting 'lrr'; did you mean lr?" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main([*common, "--show", "steps=9"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["steps"], shown["preset"], shown["vq_args"]) == (9, "VQ-debug", {"codebook_size": 32})
     out = tmp_path / "m.json"
     assert (
         main(
@@ -457,18 +495,18 @@ def test_a_full_disk_at_a_checkpoint_gives_one_line_and_keeps_the_last_one(tmp_p
     write_folder(tmp_path / "images", 4)
     run = disk / "run"
     common = ["tokenizer", "train", "--out", str(run)]
-    flags = ["--dataset", str(tmp_path / "images"), "--preset", "VQ-debug", "--image-size", "16"]
-    flags += ["--batch-size", "4", "--device", "cpu", "--num-workers", "0", "--eval-samples", "4"]
+    flags = [f"dataset={tmp_path / 'images'}", "preset=VQ-debug", "image_size=16"]
+    flags += ["batch_size=4", "device=cpu", "num_workers=0", "eval_samples=4"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model is faster on one thread when other jobs share the cores
     try:
-        assert main([*common, *flags, "--steps", "1"]) == 0
+        assert main([*common, *flags, "steps=1"]) == 0
         ckpt = Path(checkpoint_path(str(run)))
         saved = torch.load(ckpt, weights_only=True)
         tokenizer_bytes = sha(run / "tokenizer.pt")
         small_disk.leave(disk, 2 << 20)  # room for logs, not for another checkpoint
         capsys.readouterr()
-        assert main([*common, "--resume", "--steps", "2"]) == 2
+        assert main([*common, "--resume", "steps=2"]) == 2
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
@@ -489,9 +527,9 @@ def test_two_processes_train_like_one(tmp_path):
     """torchrun with 2 gloo ranks and half the batch each = one process with the whole batch
     (the ranks' images together are exactly the single process's batch; DDP averages gradients)."""
     write_folder(tmp_path / "images", 8)
-    flags = ["--dataset", str(tmp_path / "images"), "--preset", "VQ-debug", "--image-size", "16"]
-    flags += ["--batch-size", "4", "--steps", "3", "--lr", "1e-4", "--device", "cpu", "--num-workers", "0"]
-    flags += ["--ema-decay", "0.5"]
+    flags = [f"dataset={tmp_path / 'images'}", "preset=VQ-debug", "image_size=16"]
+    flags += ["batch_size=4", "steps=3", "lr=1e-4", "device=cpu", "num_workers=0"]
+    flags += ["ema_decay=0.5"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(

@@ -383,7 +383,7 @@ def test_gradient_accumulation_equals_one_big_batch(mnist_codes, tmp_path):
         sampler.set_epoch(0)
         loader.dataset.set_epoch(0)
         it = iter(loader)
-        assert loader.batch_size == 16 // accum
+        assert loader.batch_sampler.batch == 16 // accum
         for step in range(2):
             train_step(state, [next(it) for _ in range(accum)], step)
         finals.append(state.student.state_dict())

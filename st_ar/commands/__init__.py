@@ -40,6 +40,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    """--precision (auto | fp32 | bf16) as the dtype to run in: the trainers' rule (runtime.resolve_precision)."""
+    from ..train.runtime import resolve_precision
+
+    return resolve_precision(precision, device) or torch.float32

@@ -17,7 +17,8 @@ import argparse
 import dataclasses
 import json
 import os
-import typing
+
+from ..settings import parse_settings
 
 HELP = "the end-to-end demo: tokenizer, baseline and ST-AR, samples, metrics, report"
 
@@ -32,35 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="change one DemoConfig field (st_ar/demo.py), e.g. steps=1200; JSON values for dicts",
+        help="change one DemoConfig field (st_ar/demo.py), e.g. steps=1200; JSON for dicts, a JSON list or one "
+        "value for lists (the shared settings syntax, st_ar/settings.py)",
     )
     p.add_argument("--show", action="store_true", help="print the resolved settings and exit")
 
 
-def parse_changes(items: list[str]) -> dict:
-    from ..config import parse_value
-    from ..demo import DemoConfig
-
-    hints = typing.get_type_hints(DemoConfig)
-    changes = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r} is not of the form FIELD=VALUE")
-        if name not in hints:
-            raise ValueError(f"unknown demo setting {name!r}; settings: {', '.join(hints)}")
-        hint = hints[name]
-        if typing.get_origin(hint) is list:
-            changes[name] = json.loads(raw) if raw.startswith("[") else [raw]
-        else:
-            changes[name] = parse_value(raw, hint, name)
-    return changes
-
-
 def run(args: argparse.Namespace) -> None:
-    from ..demo import demo_config, run_demo
+    from ..demo import DemoConfig, demo_config, run_demo
 
-    changes = parse_changes(args.set)
+    changes = parse_settings(DemoConfig, args.set, "demo setting")
     if args.dataset:
         changes["dataset"] = args.dataset
     cfg = demo_config(args.size, **changes)

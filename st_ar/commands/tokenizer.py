@@ -1,9 +1,15 @@
 """Train or evaluate a VQ image tokenizer.
 
-    st-ar tokenizer train --dataset mnist --out runs/vq-mnist       # the CPU demo: about 4 minutes
-    st-ar tokenizer train --out runs/vq-mnist --resume --steps 600  # continue the same run
-    torchrun --nproc-per-node 4 -m st_ar.cli tokenizer train --dataset /data/imagenet --image-size 256 ...
+    st-ar tokenizer train --out runs/vq-mnist dataset=mnist        # the CPU demo: about 4 minutes
+    st-ar tokenizer train --out runs/vq-mnist steps=600            # continue the same run to step 600
+    torchrun --nproc-per-node 4 -m st_ar.cli tokenizer train --out runs/vq-in dataset=/data/imagenet image_size=256 ...
     st-ar tokenizer eval --ckpt runs/vq-mnist/tokenizer.pt --dataset mnist
+
+Settings are ``field=value`` (every TokenizerTrainConfig field, st_ar/tokenizer/train.py; JSON for
+vq_args), as `st-ar train` takes ``section.field=value``. A folder that already holds a run
+(checkpoints/last.pt) resumes from it: its stored settings are the starting point, so the settings
+given again, or none, continue it; only steps, eval_every, eval_samples, save_every, log_every,
+num_workers and device may change, and it needs as many processes as before.
 
 A run folder holds config.json, checkpoints/last.pt, tokenizer.pt (load it with
 VQModel.from_checkpoint(path)), eval.json, recon/*.png, metrics.jsonl and tensorboard/.
@@ -21,6 +27,7 @@ from torch.utils.data import Subset
 
 from ..data.datasets import open_dataset
 from ..models.vq import VQ_PRESETS, VQModel
+from ..settings import apply_settings
 from ..tokenizer.train import (
     TokenizerImages,
     TokenizerTrainConfig,
@@ -28,13 +35,9 @@ from ..tokenizer.train import (
     stored_config,
     train,
 )
-from . import json_object, resolve_device
+from . import resolve_device
 
 HELP = "train or evaluate a VQ image tokenizer"
-
-_DEFAULTS = {
-    f.name: f.default for f in dataclasses.fields(TokenizerTrainConfig) if f.default is not dataclasses.MISSING
-}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_train(
         sub.add_parser(
             "train",
-            help="train a tokenizer (or continue one with --resume)",
+            help="train a tokenizer (resumes automatically)",
             description=__doc__,
+            epilog=_settings_help(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
@@ -51,152 +55,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    # Defaults are not filled in by argparse (SUPPRESS) so that --resume can tell the flags given
-    # now from the stored ones; the help shows the TokenizerTrainConfig default.
-    p.argument_default = argparse.SUPPRESS
-    p.add_argument("--out", required=True, help="run folder (created; refused if it already holds a run)")
+    p.add_argument("--out", required=True, help="run folder (created; a folder holding a run resumes it)")
+    p.add_argument("--show", action="store_true", help="print the resolved settings and exit")
     p.add_argument(
         "--resume",
         action="store_true",
-        default=False,
-        help="continue the run in --out from checkpoints/last.pt with its stored settings; only --steps, "
-        "--eval-every, --eval-samples, --save-every, --log-every, --num-workers and --device may change",
+        help="insist on continuing: an error when --out holds no run (continuing is automatic anyway)",
     )
-    g = p.add_argument_group("data")
-    arg = _group_arg(g)
-    arg("--dataset", field="dataset", help="mnist, fashion-mnist, or a folder of class subfolders")
-    arg("--data-root", field="data_root", help="folder holding the mnist / fashion-mnist files, if not found")
-    arg("--train-split", field="train_split", help="split to train on")
-    arg("--eval-split", field="eval_split", help="held-out split for PSNR / usage / perplexity")
-    arg(
-        "--image-size",
-        field="image_size",
-        type=int,
-        help="training resolution; smaller images are padded with black (MNIST 28 -> 32), larger ones "
-        "centre-cropped (ADM crop); must be a multiple of the downsample factor",
-    )
-
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--preset", dest="preset", help=f"VQ preset: {', '.join(VQ_PRESETS)} (default: {_DEFAULTS['preset']})"
-    )
-    g.add_argument(
-        "--vq-args",
-        dest="vq_args",
-        type=json_object,
-        metavar="JSON",
-        help='VQConfig fields overriding the preset, e.g. \'{"codebook_size": 1024, "ch": 64}\'',
-    )
-
-    g = p.add_argument_group("optimisation")
-    arg = _group_arg(g)
-    arg("--steps", field="steps", type=int, help="total optimizer steps of the run; raise it with --resume to extend")
-    arg("--batch-size", field="batch_size", type=int, help="global batch (split over torchrun ranks)")
-    arg(
-        "--lr",
-        field="lr",
-        type=float,
-        help="AdamW learning rate; 1e-3 is stable for the small demo presets, LlamaGen uses 1e-4 for VQ-16",
-    )
-    arg("--lr-schedule", field="lr_schedule", choices=["constant", "cosine"], help="after warm-up; cosine ends at 0")
-    arg("--warmup-steps", field="warmup_steps", type=int, help="linear warm-up steps")
-    arg("--beta1", field="beta1", type=float, help="AdamW beta1")
-    arg("--beta2", field="beta2", type=float, help="AdamW beta2")
-    arg("--weight-decay", field="weight_decay", type=float, help="AdamW weight decay on conv weights")
-    arg("--grad-clip", field="grad_clip", type=float, help="max gradient norm; 0 = off")
-    arg(
-        "--precision",
-        field="precision",
-        choices=["auto", "fp32", "bf16"],
-        help="auto = bf16 autocast on CUDA, fp32 on CPU (the quantizer always runs in fp32)",
-    )
-
-    g = p.add_argument_group("losses")
-    arg = _group_arg(g)
-    arg("--recon-loss", field="recon_loss", choices=["l2", "l1"], help="pixel reconstruction loss")
-    arg("--codebook-weight", field="codebook_weight", type=float, help="weight of the codebook loss")
-    arg(
-        "--commit-beta",
-        field="commit_beta",
-        type=float,
-        help="commitment weight; 0.25 is the usual stable value (VQ-VAE, LlamaGen)",
-    )
-    arg(
-        "--entropy-weight",
-        field="entropy_weight",
-        type=float,
-        help="entropy loss weight (confident codes, spread over the codebook); 0 = off, as LlamaGen's default",
-    )
-    arg(
-        "--gan-weight",
-        field="gan_weight",
-        type=float,
-        help="PatchGAN hinge loss weight; 0 = off. With --gan-adaptive, 0.5 (LlamaGen) to 0.8 (VQGAN) is stable",
-    )
-    arg(
-        "--gan-start-step",
-        field="gan_start_step",
-        type=int,
-        help="step at which the GAN starts; start it after reconstructions are decent (e.g. half the run)",
-    )
-    g.add_argument(
-        "--gan-adaptive",
-        dest="gan_adaptive",
-        action=argparse.BooleanOptionalAction,
-        help="scale the GAN loss by VQGAN's adaptive weight (default: on); off = fixed --gan-weight",
-    )
-    g.add_argument("--disc-lr", dest="disc_lr", type=float, help="discriminator learning rate (default: --lr)")
-    arg("--disc-channels", field="disc_channels", type=int, help="discriminator base width")
-    arg(
-        "--disc-layers",
-        field="disc_layers",
-        type=int,
-        help="discriminator stride-2 layers; needs images of at least 3 * 2^N px",
-    )
-    arg(
-        "--perceptual-weight",
-        field="perceptual_weight",
-        type=float,
-        help="perceptual loss weight; 0 = off; needs --perceptual-weights. LlamaGen uses 1.0 with LPIPS",
-    )
-    arg(
-        "--perceptual-weights",
-        field="perceptual_weights",
-        metavar="PATH",
-        help="local feature network, torch.export (.pt2) or TorchScript (images in [-1, 1] -> feature map(s)); "
-        "nothing is downloaded",
-    )
-    arg(
-        "--dead-code-reinit",
-        field="dead_code_reinit",
-        type=int,
-        metavar="N",
-        help="every N steps move codes unused since the last check onto random encoder outputs; 0 = off",
-    )
-    arg(
-        "--ema-decay",
-        field="ema_decay",
-        type=float,
-        help="EMA of the tokenizer weights (used for eval and tokenizer.pt); 0 = off; 0.999 for runs of "
-        "thousands of steps",
-    )
-
-    g = p.add_argument_group("run")
-    arg = _group_arg(g)
-    arg("--seed", field="seed", type=int, help="initial weights and data order")
-    arg("--eval-every", field="eval_every", type=int, help="held-out eval + reconstruction grid every N steps; 0 = end")
-    arg("--eval-samples", field="eval_samples", type=int, help="held-out images per periodic eval (final: all)")
-    arg("--save-every", field="save_every", type=int, help="checkpoint every N steps; 0 = only at the end")
-    arg("--log-every", field="log_every", type=int, help="scalars to metrics.jsonl / TensorBoard every N steps")
-    arg("--num-workers", field="num_workers", type=int, help="DataLoader workers per rank; -1 = 0 on CPU, else 8")
-    arg("--device", field="device", help="auto (this rank's GPU when available), cpu, cuda, cuda:1")
+    p.add_argument("settings", nargs="*", metavar="field=value", help="e.g. dataset=mnist steps=600 lr=1e-3")
 
 
-def _group_arg(g):
-    def arg(*flags, field: str, help: str, **kw) -> None:
-        g.add_argument(*flags, dest=field, help=f"{help} (default: {_DEFAULTS[field]})", **kw)
+def _settings_help() -> str:
+    defaults = TokenizerTrainConfig().to_dict()
+    lines = [f"  {name}={_shown(value)}" for name, value in defaults.items() if name != "out"]
+    return f"settings (field=value) and their defaults; presets: {', '.join(VQ_PRESETS)}\n" + "\n".join(lines)
 
-    return arg
+
+def _shown(value) -> str:
+    """A default as it would be typed: none, true, 1e-3, mnist, {"ch": 64}."""
+    return value if isinstance(value, str) else json.dumps(value).replace("null", "none")
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -220,21 +97,24 @@ def run(args: argparse.Namespace) -> None:
         _run_eval(args)
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[TokenizerTrainConfig, bool]:
-    """The run's config: the defaults (or, with --resume, the stored config) plus the flags given."""
-    given = {k: v for k, v in vars(args).items() if k in _DEFAULTS or k == "vq_args"}
-    given.pop("resume", None)
-    if args.resume:
-        fields = stored_config(args.out)
-        fields.update(given)
-    else:
-        fields = given
-    return TokenizerTrainConfig.from_dict(fields), args.resume
+def config_from_args(args: argparse.Namespace) -> TokenizerTrainConfig:
+    """The run's config: the run folder's stored one when it holds a run (else the defaults), with
+    the settings given now on top."""
+    if any(item.lstrip("-").partition("=")[0] == "out" for item in args.settings):
+        raise ValueError("the run folder is --out, not a setting")
+    stored = stored_config(args.out)
+    if args.resume and stored is None:
+        raise FileNotFoundError(f"nothing to resume: {args.out} holds no tokenizer run (checkpoints/last.pt)")
+    base = TokenizerTrainConfig.from_dict(stored) if stored is not None else TokenizerTrainConfig()
+    return apply_settings(dataclasses.replace(base, out=args.out), args.settings, "tokenizer setting")
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    config, resume = config_from_args(args)
-    train(config, resume=resume)  # a NonFiniteLossError is reported by st_ar.cli (exit status 3)
+    config = config_from_args(args)
+    if args.show:
+        print(json.dumps(config.to_dict(), indent=2))
+        return
+    train(config)  # a NonFiniteLossError is reported by st_ar.cli (exit status 3)
 
 
 def _run_eval(args: argparse.Namespace) -> None:

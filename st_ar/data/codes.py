@@ -47,6 +47,7 @@ from ..runfolder import (
     remove_stale_temp_files,
     write_json_atomic,
 )
+from ..settings import resume_differences
 from .datasets import CorruptImageError, ImageDataset
 from .transforms import CROP_SETS, crops_for_extraction, uint8_to_unit
 
@@ -240,18 +241,11 @@ def build_meta(
     return json.loads(json.dumps(meta))  # JSON types (tuples -> lists) so it compares equal to a reread meta.json
 
 
-def _meta_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def _meta_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'key: old in the folder, new now' for every differing key; nested dicts (the tokenizer config) by field."""
-    diffs = []
-    for k in sorted(set(old) | set(new)):
-        if not prefix and k in RESUME_FREE_KEYS:
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _meta_differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            diffs.append(f"{prefix}{k}: {_short(a)} in the folder, {_short(b)} now")
-    return diffs
+    return [
+        f"{k}: {_short(a)} in the folder, {_short(b)} now" for k, a, b in resume_differences(old, new, RESUME_FREE_KEYS)
+    ]
 
 
 def _short(value: Any) -> str:

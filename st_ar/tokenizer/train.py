@@ -5,6 +5,12 @@ optional entropy, PatchGAN, perceptual and EMA; resumable, single process or tor
     results = train(config)               # -> the held-out metrics also written to out/eval.json
     vq = VQModel.from_checkpoint("runs/vq-mnist/tokenizer.pt")
 
+A run folder that holds checkpoints/last.pt resumes from it, as `st-ar train` does: only the
+settings in ``TokenizerTrainConfig.CHANGEABLE_ON_RESUME`` may differ, and the number of processes
+must be the same. Precision, parameter groups, the finite-loss check, random streams, the resume
+rules and the batch order are st_ar/train/runtime.py's and sampler.py's; the EMA weights follow the
+model by st_ar/teacher.py's ``update_ema`` on its "warmup" schedule.
+
 Run folder:
 
     RUN_DIR/config.json               resolved training config (and the tokenizer's VQConfig)
@@ -16,30 +22,28 @@ Run folder:
 
 A step is: forward the tokenizer, sum the losses, backward, clip, AdamW; then, when the GAN is on,
 one discriminator step on the same real images and the (detached) reconstructions. The data order
-depends only on (seed, step, world size), and the checkpoint holds every other piece of state, so
-N steps + resume + N steps gives the weights of 2N uninterrupted steps.
+depends only on (seed, step, world size) (``StepBatches``), and the checkpoint holds every other
+piece of state, so N steps + resume + N steps gives the weights of 2N uninterrupted steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import json
 import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import open_dataset
 from ..data.transforms import center_crop_adm, fit_to_multiple, image_to_tensor
@@ -50,8 +54,10 @@ from ..models.vq import QuantizerOutput, VQConfig, VQModel
 from ..progress import progress_bar
 from ..runfolder import lock_run_folder, remove_stale_temp_files, write_json_atomic
 from ..runlog import RunLogger
-from ..train import NonFiniteLoss
-from ..train.sampler import EpochSampler
+from ..teacher import build_teacher, ema_schedule, update_ema
+from ..train import NonFiniteLoss, runtime
+from ..train.runtime import autocast_for, capture_rng, check_finite, check_resumable, param_groups, restore_rng
+from ..train.sampler import StepBatches
 from .losses import (
     PatchDiscriminator,
     PerceptualLoss,
@@ -69,14 +75,24 @@ GRID_IMAGES = 16
 GRID_ROW = 8
 EVAL_SCALARS = ("psnr", "psnr_of_mean_mse", "codebook_usage", "perplexity")
 
-# Config fields that may change when a run is resumed: they do not change what a step computes
-# (except that `steps` is where a cosine schedule ends).
-RUNTIME_FIELDS = ("out", "steps", "eval_every", "eval_samples", "save_every", "log_every", "num_workers", "device")
-
 
 @dataclass
 class TokenizerTrainConfig:
-    """Everything a tokenizer run depends on; written to config.json and into every checkpoint."""
+    """Everything a tokenizer run depends on; written to config.json and into every checkpoint.
+    On the command line each field is ``field=value`` (st_ar/settings.py)."""
+
+    # Fields that may change when a run is resumed: they do not change what a step computes
+    # (except that `steps` is where a cosine schedule ends).
+    CHANGEABLE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "out",
+        "steps",
+        "eval_every",
+        "eval_samples",
+        "save_every",
+        "log_every",
+        "num_workers",
+        "device",
+    )
 
     out: str = ""  # run folder
     # ---- data ----
@@ -167,7 +183,7 @@ class TokenizerTrainConfig:
             )
         for key in ("commit_loss_beta", "entropy_loss_ratio"):
             if key in self.vq_args:
-                raise ValueError(f"set {key} with commit_beta / entropy_weight (--commit-beta / --entropy-weight)")
+                raise ValueError(f"set {key} with commit_beta / entropy_weight, not in vq_args")
 
     def vq_config(self) -> VQConfig:
         """The tokenizer architecture: the preset, vq_args on top, and the loss weights the quantizer applies."""
@@ -271,37 +287,6 @@ class TokenizerImages(Dataset):
         return prepare_image(img, self.image_size)
 
 
-class StepBatches(Sampler[list[int]]):
-    """This rank's index batches for the steps [start, stop).
-
-    Step s belongs to epoch s // batches_per_epoch; each epoch's order is the GPT trainer's
-    EpochSampler (seeded shuffle, dealt out to the ranks, ragged tail dropped). Any step's batch
-    is a function of (seed, step, world size) alone, which is what makes a resumed run continue
-    exactly.
-    """
-
-    def __init__(self, size: int, batch: int, *, start: int, stop: int, seed: int, rank: int = 0, world: int = 1):
-        self.batch, self.start, self.stop = batch, start, stop
-        self.epochs = EpochSampler(size, rank=rank, world_size=world, seed=seed)
-        self.per_epoch = self.epochs.per_rank // batch  # batches per rank per epoch
-        if self.per_epoch == 0:
-            raise ValueError(
-                f"the training set has {size} images: too few for a batch of {batch} on each of {world} rank(s)"
-            )
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        epoch, order = -1, []
-        for step in range(self.start, self.stop):
-            e, i = divmod(step, self.per_epoch)
-            if e != epoch:
-                self.epochs.set_epoch(e)
-                epoch, order = e, list(self.epochs)
-            yield order[i * self.batch : (i + 1) * self.batch]
-
-
 def _ignore_sigint(_worker_id: int) -> None:
     # Ctrl-C reaches the workers too; let only the main process react (it stops at a step boundary)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -340,33 +325,17 @@ class TrainState:
     perceptual: PerceptualLoss | None = None
     dead_counts: Tensor | None = None  # (K,) code occurrences since the last dead-code check
     step: int = 0  # optimizer steps done
-    autocast_dtype: torch.dtype | None = None
+    autocast: Callable[[], Any] = contextlib.nullcontext  # () -> context manager (runtime.autocast_for)
+    ema_decay: Callable[[int], float] | None = None  # step -> EMA decay, when EMA is on
 
     @property
     def eval_model(self) -> VQModel:
         return self.ema if self.ema is not None else self.model
 
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
 
-
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    # decay conv / linear weights only; norms, biases and the codebook (which the quantizer keeps
-    # l2-normalised anyway) are left alone
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+# decay conv / linear weights only; norms, biases and the codebook (which the quantizer keeps
+# l2-normalised anyway) are left alone
+NO_DECAY = ("embedding",)
 
 
 def build_state(config: TokenizerTrainConfig, dist_info: DistInfo) -> TrainState:
@@ -385,11 +354,12 @@ def build_state(config: TokenizerTrainConfig, dist_info: DistInfo) -> TrainState
         dist=dist_info,
         model=model,
         forward=_Autoencoder(model),
-        optimizer=torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=betas),
-        autocast_dtype=_autocast_dtype(config.precision, device),
+        optimizer=torch.optim.AdamW(param_groups(model, config.weight_decay, NO_DECAY), lr=config.lr, betas=betas),
+        autocast=autocast_for(config.precision, device),
     )
     if config.ema_decay > 0:
-        state.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        state.ema = build_teacher(model)  # a frozen copy in eval mode
+        state.ema_decay = ema_schedule("warmup", config.ema_decay, config.steps)
     if config.gan_weight > 0:
         smallest = PatchDiscriminator.min_image_size(config.disc_layers)
         if config.image_size < smallest:
@@ -400,7 +370,7 @@ def build_state(config: TokenizerTrainConfig, dist_info: DistInfo) -> TrainState
         state.disc = PatchDiscriminator(3, config.disc_channels, config.disc_layers).to(device).train()
         state.disc_forward = state.disc
         state.disc_optimizer = torch.optim.AdamW(
-            _param_groups(state.disc, config.weight_decay), lr=config.disc_lr or config.lr, betas=betas
+            param_groups(state.disc, config.weight_decay, NO_DECAY), lr=config.disc_lr or config.lr, betas=betas
         )
     if config.perceptual_weight > 0:
         state.perceptual = PerceptualLoss(config.perceptual_weights).to(device)
@@ -446,7 +416,44 @@ def train_step(state: TrainState, images: Tensor) -> dict[str, Tensor]:
             for group in opt.param_groups:
                 group["lr"] = lr if opt is state.optimizer else lr * (cfg.disc_lr or cfg.lr) / cfg.lr
 
-    # ---- tokenizer ----
+    total, recon, quant, latent, logs = _tokenizer_loss(state, images, gan_on)
+    state.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+    logs.update(
+        {
+            "loss/total": total,
+            "loss/codebook": quant.codebook_loss,
+            "loss/commit": quant.commit_loss,
+            "loss/entropy": quant.entropy_loss,
+            "grad_norm": grad_norm,
+            "lr": torch.tensor(lr),
+        }
+    )
+    _check_finite(state, [total, grad_norm], logs)
+    state.optimizer.step()
+    if gan_on:
+        _discriminator_step(state, images, recon.detach(), logs)
+
+    # ---- bookkeeping ----
+    codes = quant.codes.detach()
+    if state.dead_counts is not None:
+        state.dead_counts += code_histogram(codes, state.model.config.codebook_size)
+        if (step + 1) % cfg.dead_code_reinit == 0:
+            logs["codebook/reinit"] = torch.tensor(float(reinit_dead_codes(state, latent.detach())))
+    if state.ema is not None:
+        update_ema(state.ema, state.model, state.ema_decay(step), buffers=True)
+    state.step = step + 1
+    logs["psnr/train"] = psnr(images, recon).mean()
+    logs["codes"] = codes  # (B, h, w), for the usage statistics of the log window
+    return {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}
+
+
+def _tokenizer_loss(state: TrainState, images: Tensor, gan_on: bool):
+    """The tokenizer's forward and total loss -> (total, recon (B, 3, H, W) fp32, QuantizerOutput,
+    latent (B, D, h, w), named losses)."""
+    cfg = state.config
     with state.autocast():
         recon, quant, latent = state.forward(images)  # (B, 3, H, W), QuantizerOutput, (B, D, h, w)
         recon = recon.float()
@@ -471,60 +478,35 @@ def train_step(state: TrainState, images: Tensor) -> dict[str, Tensor]:
             total = total + weight * g_loss
             logs["loss/gan_g"] = g_loss
             logs["gan/weight"] = weight
-    state.optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
-    logs.update(
-        {
-            "loss/total": total,
-            "loss/codebook": quant.codebook_loss,
-            "loss/commit": quant.commit_loss,
-            "loss/entropy": quant.entropy_loss,
-            "grad_norm": grad_norm,
-            "lr": torch.tensor(lr),
-        }
+    return total, recon, quant, latent, logs
+
+
+def _discriminator_step(state: TrainState, images: Tensor, fakes: Tensor, logs: dict[str, Tensor]) -> None:
+    """One discriminator step: real images vs the reconstructions just made, in one batch."""
+    cfg = state.config
+    with state.autocast():
+        logits = state.disc_forward(torch.cat([images, fakes])).float()
+        logits_real, logits_fake = logits.chunk(2)
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+    state.disc_optimizer.zero_grad(set_to_none=True)
+    d_loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.disc.parameters(), cfg.grad_clip)
+    logs.update({"loss/gan_d": d_loss, "gan/logits_real": logits_real.mean(), "gan/logits_fake": logits_fake.mean()})
+    _check_finite(state, [d_loss], logs)
+    state.disc_optimizer.step()
+
+
+def _check_finite(state: TrainState, values: list[Tensor], logs: dict[str, Tensor]) -> None:
+    check_finite(
+        values,
+        step=state.step,
+        detail=lambda: ", ".join(
+            f"{k}={v.item():.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1
+        ),
+        device=state.dist.device,
+        error=NonFiniteLossError,
     )
-    _check_finite(state, {"loss/total": total, "grad_norm": grad_norm}, logs)
-    state.optimizer.step()
-
-    # ---- discriminator: real images vs the reconstructions just made, in one batch ----
-    if gan_on:
-        with state.autocast():
-            logits = state.disc_forward(torch.cat([images, recon.detach()])).float()
-            logits_real, logits_fake = logits.chunk(2)
-            d_loss = hinge_d_loss(logits_real, logits_fake)
-        state.disc_optimizer.zero_grad(set_to_none=True)
-        d_loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(state.disc.parameters(), cfg.grad_clip)
-        logs.update(
-            {"loss/gan_d": d_loss, "gan/logits_real": logits_real.mean(), "gan/logits_fake": logits_fake.mean()}
-        )
-        _check_finite(state, {"loss/gan_d": d_loss}, logs)
-        state.disc_optimizer.step()
-
-    # ---- bookkeeping ----
-    codes = quant.codes.detach()
-    if state.dead_counts is not None:
-        state.dead_counts += code_histogram(codes, state.model.config.codebook_size)
-        if (step + 1) % cfg.dead_code_reinit == 0:
-            logs["codebook/reinit"] = torch.tensor(float(reinit_dead_codes(state, latent.detach())))
-    if state.ema is not None:
-        update_ema(state.ema, state.model, ema_decay_at(cfg.ema_decay, step))
-    state.step = step + 1
-    logs["psnr/train"] = psnr(images, recon).mean()
-    logs["codes"] = codes  # (B, h, w), for the usage statistics of the log window
-    return {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}
-
-
-def _check_finite(state: TrainState, values: dict[str, Tensor], logs: dict[str, Tensor]) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(v).all() else 1.0 for v in values.values()], device=state.dist.device)
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-    if bad.any():
-        shown = ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1)
-        raise NonFiniteLossError(f"non-finite loss or gradient at step {state.step + 1} ({shown})")
 
 
 @torch.no_grad()
@@ -562,23 +544,6 @@ def reinit_dead_codes(state: TrainState, latent: Tensor) -> int:
         if key in opt_state:
             opt_state[key][dead] = 0
     return dead.numel()
-
-
-def ema_decay_at(decay: float, step: int) -> float:
-    """EMA decay for step ``step``: ``decay``, warmed up as min(decay, (1 + step) / (10 + step)) so a
-    short run's EMA is not dominated by the random initial weights."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model, parameter by parameter matched by name; buffers copied."""
-    params = dict(model.named_parameters())
-    for name, p in ema.named_parameters():
-        p.lerp_(params[name].detach(), 1.0 - decay)
-    buffers = dict(model.named_buffers())
-    for name, b in ema.named_buffers():
-        b.copy_(buffers[name])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -648,7 +613,7 @@ def save_reconstruction_grid(model: VQModel, images: Tensor, path: str) -> None:
 
 
 def checkpoint_path(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints", "last.pt")
+    return runtime.checkpoint_path(run_dir)
 
 
 def save_checkpoint(state: TrainState) -> str:
@@ -657,18 +622,17 @@ def save_checkpoint(state: TrainState) -> str:
 
     last.pt: {"kind", "step", "config", "vq_config", "world_size", "model", "ema", "discriminator",
     "optimizer", "disc_optimizer", "dead_code_counts", "rng"}; entries for features that are off are
-    None. tokenizer.pt is ``VQModel.save`` of the EMA weights when EMA is on, else of the model.
+    None; "rng" holds every rank's streams (runtime.capture_rng). tokenizer.pt is ``VQModel.save``
+    of the EMA weights when EMA is on, else of the model.
     """
     path = checkpoint_path(state.config.out)
     dead_counts = state.dead_counts
     if dead_counts is not None and dist.is_initialized():
         dead_counts = dead_counts.clone()
         dist.all_reduce(dead_counts)  # every rank counts its own codes; store the total (on rank 0 at load)
+    rng = capture_rng(state.dist)  # a collective
     if not state.dist.is_main:
         return path
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     payload = {
         "kind": CHECKPOINT_KIND,
         "step": state.step,
@@ -688,12 +652,22 @@ def save_checkpoint(state: TrainState) -> str:
     return path
 
 
-def load_checkpoint(state: TrainState, path: str) -> None:
-    """Restore everything save_checkpoint wrote, strictly; the configs must describe the same run."""
+def read_training_checkpoint(path: str) -> dict[str, Any]:
     obj = read_checkpoint(path)
     if not isinstance(obj, dict) or obj.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a tokenizer training checkpoint (kind {CHECKPOINT_KIND!r})")
-    _check_same_run(obj["config"], state.config.to_dict(), path)
+    return obj
+
+
+def load_checkpoint(state: TrainState, path: str) -> None:
+    """Restore everything save_checkpoint wrote, strictly; the configs must describe the same run,
+    on as many processes."""
+    obj = read_training_checkpoint(path)
+    check_resumable(obj["config"], state.config, path)
+    rng = obj["rng"]
+    if isinstance(rng, dict):  # files from before every rank's streams were kept: rank 0's, which all ranks took
+        rng = [{"torch": rng["torch"]}] * obj.get("world_size", 1)
+    restore_rng(rng, state.dist, path)
     state.model.load_state_dict(obj["model"], strict=True)
     state.optimizer.load_state_dict(obj["optimizer"])
     if state.ema is not None:
@@ -704,40 +678,12 @@ def load_checkpoint(state: TrainState, path: str) -> None:
     if state.dead_counts is not None:
         state.dead_counts.copy_(obj["dead_code_counts"] if state.dist.is_main else 0)
     state.step = int(obj["step"])
-    torch.set_rng_state(obj["rng"]["torch"])
-    if "cuda" in obj["rng"] and torch.cuda.is_available() and len(obj["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(obj["rng"]["cuda"])
-    if obj.get("world_size", 1) != state.dist.world_size and state.dist.is_main:
-        print(
-            f"note: {path} was written by {obj['world_size']} rank(s), this run has {state.dist.world_size}: "
-            "the data order from here on differs from an uninterrupted run"
-        )
 
 
-def _check_same_run(stored: dict[str, Any], current: dict[str, Any], path: str) -> None:
-    diffs = [
-        f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}"
-        for k in sorted(set(stored) | set(current))
-        if k not in RUNTIME_FIELDS and _normal(stored.get(k)) != _normal(current.get(k))
-    ]
-    if diffs:
-        raise ValueError(
-            f"{path} was trained with different settings; resume with the same ones (only "
-            f"{', '.join(RUNTIME_FIELDS)} may change):\n  " + "\n  ".join(diffs)
-        )
-
-
-def _normal(value: Any) -> Any:
-    # tuples and lists compare equal after a trip through JSON or torch.save
-    return json.loads(json.dumps(value))
-
-
-def stored_config(run_dir: str) -> dict[str, Any]:
-    """The training config stored in RUN_DIR's checkpoint (for ``--resume`` without repeating flags)."""
-    obj = read_checkpoint(checkpoint_path(run_dir))
-    if not isinstance(obj, dict) or obj.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{checkpoint_path(run_dir)} is not a tokenizer training checkpoint")
-    return dict(obj["config"])
+def stored_config(run_dir: str) -> dict[str, Any] | None:
+    """The training config stored in RUN_DIR's checkpoint; None when RUN_DIR holds no run yet."""
+    path = checkpoint_path(run_dir)
+    return dict(read_training_checkpoint(path)["config"]) if os.path.exists(path) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -748,22 +694,25 @@ def stored_config(run_dir: str) -> dict[str, Any]:
 def train(
     config: TokenizerTrainConfig,
     *,
-    resume: bool = False,
+    resume: bool | None = None,
     train_set=None,
     eval_set=None,
     stop_at: int | None = None,
 ) -> dict[str, Any]:
-    """Train (or, with ``resume``, continue) a tokenizer run in ``config.out``; returns the final
-    held-out metrics (also in RUN_DIR/eval.json).
+    """Train a tokenizer run in ``config.out``, or continue it when the folder holds one (its
+    checkpoints/last.pt); returns the final held-out metrics (also in RUN_DIR/eval.json).
 
-    ``train_set`` / ``eval_set`` replace the datasets named by the config (items: (image, label) or
-    bare images; PIL images or prepared (3, S, S) tensors). ``stop_at`` ends this call after that
-    many steps, with a checkpoint and no final eval, as if interrupted (returns {"step": ...}).
-    Under torchrun every rank calls this. Ctrl-C (or SIGTERM) finishes the current step, saves,
-    and raises KeyboardInterrupt.
+    ``resume=True`` insists on continuing (an error when there is nothing to resume); otherwise the
+    folder decides. ``train_set`` / ``eval_set`` replace the datasets named by the config (items:
+    (image, label) or bare images; PIL images or prepared (3, S, S) tensors). ``stop_at`` ends this
+    call after that many steps, with a checkpoint and no final eval, as if interrupted (returns
+    {"step": ...}). Under torchrun every rank calls this. Ctrl-C (or SIGTERM) finishes the current
+    step, saves, and raises KeyboardInterrupt.
     """
     if not config.out:
         raise ValueError("config.out (the run folder) is required")
+    if resume and not os.path.exists(checkpoint_path(config.out)):
+        raise FileNotFoundError(f"nothing to resume: {checkpoint_path(config.out)} does not exist")
     dist_info = init_distributed(config.device)
     # Denormal floats (tiny gradients, Adam moments) make CPU math 10-100x slower: a 16 px test run
     # took 6 s a step instead of 0.1 s. Flushing them to zero changes nothing measurable.
@@ -773,7 +722,7 @@ def train(
         with deterministic_on_cpu(dist_info.device), contextlib.closing(lock):
             if dist_info.is_main:
                 remove_stale_temp_files(config.out, os.path.dirname(checkpoint_path(config.out)))
-            return _train(config, dist_info, resume, train_set, eval_set, stop_at)
+            return _train(config, dist_info, train_set, eval_set, stop_at)
     finally:
         torch.set_flush_denormal(False)  # the process default
         cleanup_distributed()
@@ -796,22 +745,20 @@ def deterministic_on_cpu(device: torch.device):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def _train(
-    config: TokenizerTrainConfig, dist_info: DistInfo, resume: bool, train_set, eval_set, stop_at: int | None
-) -> dict[str, Any]:
-    out, main = config.out, dist_info.is_main
-    ckpt = checkpoint_path(out)
-    if resume and not os.path.exists(ckpt):
-        raise FileNotFoundError(f"nothing to resume: {ckpt} does not exist")
-    if not resume and os.path.exists(ckpt):
-        raise ValueError(f"{out} already holds a run ({ckpt}); pass --resume to continue it, or choose another --out")
+@dataclass
+class _Data:
+    train: Dataset  # TokenizerImages
+    eval: Dataset  # the whole held-out set (final eval)
+    periodic_eval: Dataset  # its first eval_samples images
+    grid: Tensor  # (n, 3, S, S) on the device: the reconstruction grid's originals
+    per_rank: int  # images per rank per step
+    workers: int
+
+
+def _open_data(config: TokenizerTrainConfig, dist_info: DistInfo, train_set, eval_set) -> _Data:
     if config.batch_size % dist_info.world_size:
         raise ValueError(f"batch_size {config.batch_size} does not split evenly over {dist_info.world_size} ranks")
-    per_rank = config.batch_size // dist_info.world_size
     device = dist_info.device
-    workers = config.num_workers if config.num_workers >= 0 else (0 if device.type == "cpu" else 8)
-
-    # ============ data ============
     train_images = TokenizerImages(
         train_set if train_set is not None else open_dataset(config.dataset, config.train_split, root=config.data_root),
         config.image_size,
@@ -820,14 +767,21 @@ def _train(
         eval_set if eval_set is not None else open_dataset(config.dataset, config.eval_split, root=config.data_root),
         config.image_size,
     )
-    periodic_eval = eval_images
+    periodic = eval_images
     if 0 < config.eval_samples < len(eval_images):
-        periodic_eval = torch.utils.data.Subset(eval_images, range(config.eval_samples))
-    grid_images = torch.stack([eval_images[i] for i in range(min(GRID_IMAGES, len(eval_images)))]).to(device)
+        periodic = torch.utils.data.Subset(eval_images, range(config.eval_samples))
+    grid = torch.stack([eval_images[i] for i in range(min(GRID_IMAGES, len(eval_images)))]).to(device)
+    workers = config.num_workers if config.num_workers >= 0 else (0 if device.type == "cpu" else 8)
+    return _Data(train_images, eval_images, periodic, grid, config.batch_size // dist_info.world_size, workers)
 
-    # ============ model, optimizers, resume ============
+
+def _train(config: TokenizerTrainConfig, dist_info: DistInfo, train_set, eval_set, stop_at: int | None) -> dict:
+    out, main = config.out, dist_info.is_main
+    ckpt = checkpoint_path(out)
+    data = _open_data(config, dist_info, train_set, eval_set)
     state = build_state(config, dist_info)
-    if resume:
+    resumed = os.path.exists(ckpt)
+    if resumed:
         load_checkpoint(state, ckpt)
     if main:
         os.makedirs(out, exist_ok=True)
@@ -835,72 +789,60 @@ def _train(
             os.path.join(out, "config.json"), {"train": config.to_dict(), "vq": dataclasses.asdict(state.model.config)}
         )
     start = state.step
-    stop_step = config.steps if stop_at is None else min(stop_at, config.steps)
     sampler = StepBatches(
-        len(train_images),
-        per_rank,
-        start=start,
-        stop=stop_step,
-        seed=config.seed,
-        rank=dist_info.rank,
-        world=dist_info.world_size,
+        len(data.train), data.per_rank, rank=dist_info.rank, world_size=dist_info.world_size, seed=config.seed
     )
+    sampler.set_steps(start, config.steps if stop_at is None else min(stop_at, config.steps))
     loader = DataLoader(
-        train_images,
+        data.train,
         batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_sigint if workers > 0 else None,
+        num_workers=data.workers,
+        pin_memory=dist_info.device.type == "cuda",
+        worker_init_fn=_ignore_sigint if data.workers > 0 else None,
     )
-    eval_kwargs = dict(batch_size=per_rank * 2, device=device, num_workers=workers)
-
-    # ============ loop ============
     log = RunLogger(out, enabled=main, resume_step=start)  # drops lines after the checkpoint
+    t0 = time.perf_counter()
+    interrupted, saved_step = _run_steps(state, loader, data, log, saved_step=start if resumed else -1)
+    train_seconds = time.perf_counter() - t0
+    if saved_step != state.step:
+        save_checkpoint(state)
+    if interrupted or state.step < config.steps:
+        log.close()
+        if main:
+            print(f"stopped at step {state.step}; saved {ckpt}. Run the same command again to continue.")
+        if interrupted:
+            raise KeyboardInterrupt
+        return {"step": state.step}
+    return _final_evaluation(state, data, log, train_seconds, custom_eval=eval_set is not None)
+
+
+def _run_steps(state: TrainState, loader: DataLoader, data: _Data, log: RunLogger, saved_step: int) -> tuple[bool, int]:
+    """The steps ``loader``'s sampler serves, with logs, checkpoints and periodic evals.
+    Returns (interrupted, the step of the last checkpoint written, -1 for none)."""
+    config, device, main = state.config, state.dist.device, state.dist.is_main
     bar = progress_bar(
-        total=config.steps, initial=start, unit="step", desc="tokenizer", disable=not main, dynamic_ncols=True
+        total=config.steps, initial=state.step, unit="step", desc="tokenizer", disable=not main, dynamic_ncols=True
     )
     k = state.model.config.codebook_size
     window = torch.zeros(k, dtype=torch.long, device=device)  # code counts since the last log line
-    saved_step = start if resume else -1
-    t0 = time.perf_counter()
-
-    def save() -> None:
-        nonlocal saved_step
-        save_checkpoint(state)
-        saved_step = state.step
-
-    def periodic_evaluation() -> None:
-        metrics = evaluate(state.eval_model, periodic_eval, **eval_kwargs)
-        log.scalars(state.step, {f"eval/{name}": metrics[name] for name in EVAL_SCALARS})
-        if main:
-            path = os.path.join(out, "recon", f"step_{state.step:07d}.png")
-            save_reconstruction_grid(state.eval_model, grid_images, path)
-            bar.write(
-                f"step {state.step}: held-out PSNR {metrics['psnr']:.2f} dB, codebook usage "
-                f"{metrics['codebook_usage']:.1%}, perplexity {metrics['perplexity']:.1f} ({metrics['images']} images)"
-            )
-
-    interrupted = False
     try:
         with GracefulStop() as stop:
             batches = iter(loader)
-            while state.step < stop_step:
+            for _ in range(len(loader)):
                 try:
                     images = next(batches)
                 except (RuntimeError, StopIteration):
                     if stop.requested:  # a DataLoader worker may die of the same Ctrl-C
-                        interrupted = True
-                        break
+                        return True, saved_step
                     raise
-                images = images.to(device, non_blocking=True)
                 try:
-                    logs = train_step(state, images)
+                    logs = train_step(state, images.to(device, non_blocking=True))
                 except NonFiniteLossError as e:
-                    kept = f"the last good checkpoint {ckpt} (step {saved_step}) is intact"
+                    kept = f"the last good checkpoint {checkpoint_path(config.out)} (step {saved_step}) is intact"
                     if saved_step < 0:
                         kept = "no checkpoint was saved yet"
                     raise NonFiniteLossError(
-                        f"{e}. Stopped without saving; {kept}. Try a lower --lr or some --warmup-steps, "
+                        f"{e}. Stopped without saving; {kept}. Try a lower lr or some warmup_steps, "
                         "and check the images for NaN."
                     ) from None
                 window += code_histogram(logs.pop("codes"), k)
@@ -909,52 +851,68 @@ def _train(
                 if "codebook/reinit" in logs:  # only on re-initialisation steps
                     log.scalars(step, {"codebook/reinit": float(logs.pop("codebook/reinit"))})
                 if step % config.log_every == 0 or step == config.steps:
-                    scalars = {k_: float(v) for k_, v in logs.items()}
-                    if dist.is_initialized():
-                        dist.all_reduce(window)
-                    scalars["codebook/usage_window"] = codebook_usage(window)
-                    scalars["codebook/perplexity_window"] = perplexity(window)
-                    window.zero_()
-                    scalars = all_reduce_mean(scalars, device)
-                    log.scalars(step, scalars)
-                    bar.set_postfix(
-                        loss=f"{scalars['loss/total']:.4f}",
-                        rec=f"{scalars['loss/recon']:.4f}",
-                        psnr=f"{scalars['psnr/train']:.1f}",
-                        used=f"{scalars['codebook/usage_window']:.0%}",
-                        refresh=False,
-                    )
+                    _log_window(state, logs, window, log, bar)
                 if config.save_every and step % config.save_every == 0:
-                    save()
+                    save_checkpoint(state)
+                    saved_step = step
                 if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                    periodic_evaluation()
+                    _periodic_evaluation(state, data, log, bar)
                 if any_rank(stop.requested, device):
-                    interrupted = True
-                    break
+                    return True, saved_step
     except BaseException:
         log.close()  # flush the scalars so far (NaN stop, errors)
         raise
     finally:
         bar.close()
-    train_seconds = time.perf_counter() - t0
+    return False, saved_step
 
-    if saved_step != state.step:
-        save()
-    if interrupted or state.step < config.steps:
-        log.close()
-        if main:
-            print(f"stopped at step {state.step}; saved {ckpt}. Continue with --resume.")
-        if interrupted:
-            raise KeyboardInterrupt
-        return {"step": state.step}
 
-    # ============ final evaluation on the whole held-out set ============
+def _log_window(state: TrainState, logs: dict[str, Tensor], window: Tensor, log: RunLogger, bar) -> None:
+    """One log line: this step's scalars and the codebook statistics since the last line (all ranks)."""
+    scalars = {k: float(v) for k, v in logs.items()}
+    if dist.is_initialized():
+        dist.all_reduce(window)
+    scalars["codebook/usage_window"] = codebook_usage(window)
+    scalars["codebook/perplexity_window"] = perplexity(window)
+    window.zero_()
+    scalars = all_reduce_mean(scalars, state.dist.device)
+    log.scalars(state.step, scalars)
+    bar.set_postfix(
+        loss=f"{scalars['loss/total']:.4f}",
+        rec=f"{scalars['loss/recon']:.4f}",
+        psnr=f"{scalars['psnr/train']:.1f}",
+        used=f"{scalars['codebook/usage_window']:.0%}",
+        refresh=False,
+    )
+
+
+def _periodic_evaluation(state: TrainState, data: _Data, log: RunLogger, bar) -> None:
+    metrics = evaluate(state.eval_model, data.periodic_eval, **_eval_kwargs(state, data))
+    log.scalars(state.step, {f"eval/{name}": metrics[name] for name in EVAL_SCALARS})
+    if state.dist.is_main:
+        path = os.path.join(state.config.out, "recon", f"step_{state.step:07d}.png")
+        save_reconstruction_grid(state.eval_model, data.grid, path)
+        bar.write(
+            f"step {state.step}: held-out PSNR {metrics['psnr']:.2f} dB, codebook usage "
+            f"{metrics['codebook_usage']:.1%}, perplexity {metrics['perplexity']:.1f} ({metrics['images']} images)"
+        )
+
+
+def _eval_kwargs(state: TrainState, data: _Data) -> dict[str, Any]:
+    return dict(batch_size=data.per_rank * 2, device=state.dist.device, num_workers=data.workers)
+
+
+def _final_evaluation(
+    state: TrainState, data: _Data, log: RunLogger, train_seconds: float, custom_eval: bool
+) -> dict[str, Any]:
+    """The whole held-out set, once the run is complete: eval.json, the last grid, a summary line."""
+    config, out = state.config, state.config.out
     t1 = time.perf_counter()
-    results = evaluate(state.eval_model, eval_images, **eval_kwargs)
+    results = evaluate(state.eval_model, data.eval, **_eval_kwargs(state, data))
     results.update(
         {
             "step": state.step,
-            "dataset": config.dataset if eval_set is None else "custom",
+            "dataset": "custom" if custom_eval else config.dataset,
             "split": config.eval_split,
             "weights": "ema" if state.ema is not None else "model",
             "train_seconds": round(train_seconds, 1),
@@ -963,15 +921,13 @@ def _train(
     )
     log.scalars(state.step, {f"eval/{name}": results[name] for name in EVAL_SCALARS})
     log.close()
-    if main:
-        save_reconstruction_grid(
-            state.eval_model, grid_images, os.path.join(out, "recon", f"step_{state.step:07d}.png")
-        )
+    if state.dist.is_main:
+        save_reconstruction_grid(state.eval_model, data.grid, os.path.join(out, "recon", f"step_{state.step:07d}.png"))
         write_json_atomic(os.path.join(out, "eval.json"), results)
         print(
             f"held-out ({results['split']}, {results['images']} images, {results['weights']} weights): "
             f"PSNR {results['psnr']:.2f} dB (of mean MSE {results['psnr_of_mean_mse']:.2f} dB), "
-            f"codebook usage {results['codebook_usage']:.1%} ({results['codes_used']}/{k}), "
+            f"codebook usage {results['codebook_usage']:.1%} ({results['codes_used']}/{results['codebook_size']}), "
             f"perplexity {results['perplexity']:.1f}"
         )
         print(f"wrote {os.path.join(out, 'tokenizer.pt')}, {os.path.join(out, 'eval.json')}")

@@ -1,4 +1,6 @@
-"""Training loop (loop.py), resumable distributed sampler (sampler.py)."""
+"""Training: the GPT loop (loop.py) on the runtime both trainers share (runtime.py: precision,
+parameter groups, finite-loss check, random streams, resume rules) and their batch order
+(sampler.py)."""
 
 
 class NonFiniteLoss(RuntimeError):

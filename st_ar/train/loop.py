@@ -7,7 +7,9 @@ or on many GPUs through torchrun:
 
 A run folder holds config.json, metrics.jsonl, tensorboard/, checkpoints/last.pt (everything
 needed to resume), samples/step_N.png when train.sample_every is set, and, at the end, model.pt /
-ema.pt (GPT checkpoints `st-ar sample` reads).
+ema.pt (GPT checkpoints `st-ar sample` reads). A folder that holds checkpoints/last.pt resumes from
+it. Precision, parameter groups, the finite-loss check, random streams, the resume rules and the
+batch order are runtime.py's and sampler.py's, shared with the tokenizer trainer.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -54,12 +55,12 @@ from ..runfolder import lock_run_folder, remove_stale_temp_files, write_json_ato
 from ..runlog import RunLogger
 from ..sampling.generate import check_sampling_settings
 from ..teacher import build_teacher, ema_schedule, update_ema
-from . import NonFiniteLoss
+from . import NonFiniteLoss, runtime
 from .parallel import full_tensor, shard_model
 from .preview import Previewer
-from .sampler import EpochSampler
+from .runtime import autocast_for, capture_rng, check_finite, check_resumable, param_groups, restore_rng
+from .sampler import StepBatches
 
-CHECKPOINT_NAME = "last.pt"
 TRUST_HINT = "model.trust_checkpoint=true"  # how `st-ar train` allows pickled objects (loader errors name it)
 
 
@@ -134,21 +135,6 @@ def build_model(cfg: RunConfig, codes_meta: dict | None = None, *, load_init: bo
     return GPT(gpt_config)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights with >= 2 dims (linears, embeddings); none on norms and biases."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if precision == "bf16" else None
-
-
 def build_state(
     cfg: RunConfig, dist_info: DistInfo, codes_meta: dict | None = None, *, resuming: bool = False
 ) -> TrainState:
@@ -178,13 +164,7 @@ def build_state(
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         fused=cfg.train.parallel != "fsdp",  # FSDP's DTensor shards take the foreach path
     )
-    dtype = resolve_precision(cfg.train.precision, device)
-
-    def autocast():
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
-
+    autocast = autocast_for(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed + dist_info.rank)  # dropout differs per rank, as with independent batches
     generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + dist_info.rank)
     shared = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + 999)
@@ -193,30 +173,27 @@ def build_state(
     return TrainState(cfg, dist_info, bundle, model, teacher, optimizer, generator, shared, ema, autocast, codes)
 
 
-def build_loader(cfg: RunConfig, dist_info: DistInfo, dataset: CodesDataset) -> tuple[DataLoader, EpochSampler]:
-    """Micro-batches of (B, M, T) codes: batch_size / (ranks x grad_accum) images each."""
+def build_loader(cfg: RunConfig, dist_info: DistInfo, dataset: CodesDataset) -> tuple[DataLoader, StepBatches]:
+    """Micro-batches of (B, M, T) codes: batch_size / (ranks x grad_accum) images each, grad_accum
+    of them per step (``sampler.set_steps`` / ``set_epoch`` choose the steps served)."""
     world, accum = dist_info.world_size, cfg.optim.grad_accum
     if cfg.optim.batch_size % (world * accum):
         raise ValueError(
             f"optim.batch_size {cfg.optim.batch_size} is not divisible by {world} ranks x {accum} accumulation steps"
         )
     micro = cfg.optim.batch_size // (world * accum)
-    sampler = EpochSampler(len(dataset), rank=dist_info.rank, world_size=world, seed=cfg.train.seed)
-    if sampler.per_rank < micro * accum:
-        raise ValueError(f"each rank gets {sampler.per_rank} images per epoch, fewer than one batch ({micro * accum})")
+    sampler = StepBatches(len(dataset), micro, accum=accum, rank=dist_info.rank, world_size=world, seed=cfg.train.seed)
     loader = DataLoader(
         dataset,
-        batch_size=micro,
-        sampler=sampler,
+        batch_sampler=sampler,
         num_workers=cfg.data.num_workers,
         pin_memory=dist_info.device.type == "cuda",
-        drop_last=True,
         generator=torch.Generator().manual_seed(cfg.train.seed),  # keeps the global RNG untouched
     )
     return loader, sampler
 
 
-def setup(cfg: RunConfig, dist_info: DistInfo) -> tuple[TrainState, DataLoader, EpochSampler]:
+def setup(cfg: RunConfig, dist_info: DistInfo) -> tuple[TrainState, DataLoader, StepBatches]:
     dataset = CodesDataset(cfg.data.codes, num_views=cfg.objective.num_views, seed=cfg.train.seed)
     if cfg.train.sample_every > 0:  # the previews' guidance scale, checked before any step
         try:
@@ -260,15 +237,19 @@ def train_step(
         if cfg.optim.grad_clip > 0
         else _grad_norm(state.bundle)
     )
-    finite = torch.tensor([math.isfinite(sums["loss/total"]) and bool(torch.isfinite(grad_norm))], device=device)
-    if state.dist.distributed:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not bool(finite.item()):
-        state.optimizer.zero_grad(set_to_none=True)
-        detail = ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in sums.items())
-        raise NonFiniteLoss(
-            f"non-finite loss or gradient at step {step + 1} ({detail}, grad_norm={float(grad_norm):.4g})"
+    try:
+        check_finite(
+            [sums["loss/total"], grad_norm],
+            step=step,
+            detail=lambda: (
+                ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in sums.items())
+                + f", grad_norm={float(grad_norm):.4g}"
+            ),
+            device=device,
         )
+    except NonFiniteLoss:
+        state.optimizer.zero_grad(set_to_none=True)
+        raise
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     decay = state.ema_decay(step)
@@ -294,7 +275,7 @@ def _grad_norm(module: nn.Module) -> torch.Tensor:
 
 
 def checkpoint_path(cfg: RunConfig) -> str:
-    return os.path.join(cfg.train.out_dir, "checkpoints", CHECKPOINT_NAME)
+    return runtime.checkpoint_path(cfg.train.out_dir)
 
 
 def full_state_dicts(state: TrainState) -> dict[str, Any]:
@@ -312,7 +293,7 @@ def save_checkpoint(state: TrainState) -> str:
     """Everything needed to continue the run exactly; a GPT checkpoint `st-ar sample` reads too."""
     path = checkpoint_path(state.cfg)
     weights = full_state_dicts(state)
-    rng = _gather_rng_states(state)  # every rank's streams, so a resumed run continues each exactly
+    rng = capture_rng(state.dist, _generators(state))  # every rank's streams: each continues exactly
     if state.dist.is_main:
         save_gpt(
             path,
@@ -338,8 +319,7 @@ def load_checkpoint(state: TrainState, path: str) -> None:
             f"cannot resume the run in {state.cfg.train.out_dir}: {e}\nTo train this run from step 0 instead, "
             f"move {path} out of the way (the run's other files are kept)."
         ) from None
-    stored = ckpt.get("run_config", {})
-    _check_resumable(stored, to_dict(state.cfg), path)
+    check_resumable(ckpt.get("run_config", {}), state.cfg, path)
     if ckpt.get("codes") is not None and state.codes is not None:
         diffs = codes_identity_differences(ckpt["codes"], state.codes)
         if diffs:
@@ -360,66 +340,11 @@ def load_checkpoint(state: TrainState, path: str) -> None:
     set_optimizer_state_dict(state.bundle, state.optimizer, ckpt["optimizer"], options=opts)
     state.step = int(ckpt["step"])
     state.epoch, state.batch_in_epoch = int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch_in_epoch"])
-    rng = ckpt["rng"]
-    if len(rng) != state.dist.world_size:
-        raise CheckpointError(
-            f"{path} was written by {len(rng)} processes, this run has {state.dist.world_size}: the data order "
-            "and random streams would not continue; resume with the same number of processes"
-        )
-    mine = rng[state.dist.rank]
-    torch.set_rng_state(mine["torch"])
-    state.generator.set_state(mine["objective"])
-    state.shared_generator.set_state(mine["shared"])
-    if "cuda" in mine and state.dist.device.type == "cuda":
-        torch.cuda.set_rng_state(mine["cuda"], state.dist.device)
+    restore_rng(ckpt["rng"], state.dist, path, _generators(state))
 
 
-def _gather_rng_states(state: TrainState) -> list[dict[str, torch.Tensor]]:
-    mine = {
-        "torch": torch.get_rng_state(),
-        "objective": state.generator.get_state().cpu(),
-        "shared": state.shared_generator.get_state().cpu(),
-    }
-    if state.dist.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(state.dist.device)
-    if not state.dist.distributed:
-        return [mine]
-    everyone: list = [None] * state.dist.world_size
-    dist.all_gather_object(everyone, mine)
-    return everyone
-
-
-# Settings a resumed run may change; anything else would silently make it a different run.
-RESUMABLE_CHANGES = {
-    ("train", "steps"),
-    ("train", "log_every"),
-    ("train", "save_every"),
-    ("data", "num_workers"),
-    ("data", "codes"),
-    ("train", "out_dir"),
-    ("train", "compile"),
-    ("train", "sample_every"),  # previews never touch the weights or the random streams
-    ("train", "sample_tokenizer"),
-    ("train", "sample_cfg_scale"),
-    ("model", "trust_checkpoint"),  # how files are read, not what is trained
-}
-
-
-def _check_resumable(stored: dict, current: dict, path: str) -> None:
-    diffs = [
-        f"{section}.{key}: checkpoint {stored[section][key]!r} vs now {value!r}"
-        for section, values in current.items()
-        for key, value in values.items()
-        if section in stored
-        and key in stored[section]
-        and stored[section][key] != value
-        and (section, key) not in RESUMABLE_CHANGES
-    ]
-    if diffs:
-        raise CheckpointError(
-            f"{path} belongs to a run with other settings; start a new out_dir or restore them:\n  - "
-            + "\n  - ".join(diffs)
-        )
+def _generators(state: TrainState) -> dict[str, torch.Generator]:
+    return {"objective": state.generator, "shared": state.shared_generator}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -460,10 +385,6 @@ def _train_locked(cfg, dist_info, stop_at, state, loader, sampler) -> dict[str, 
         write_json_atomic(os.path.join(out, "config.json"), to_dict(cfg))
     log = RunLogger(out, enabled=dist_info.is_main, resume_step=state.step)  # drops lines after the checkpoint
     previewer = Previewer(cfg, loader.dataset.meta, state.student.config, dist_info.device, dist_info.is_main)
-    accum = cfg.optim.grad_accum
-    seqs_per_step = cfg.optim.batch_size * cfg.objective.num_views
-    tokens_per_step = seqs_per_step * state.student.config.block_size
-    last: dict[str, float] = {}
     finished = False
     bar = progress_bar(
         total=cfg.train.steps,
@@ -475,41 +396,10 @@ def _train_locked(cfg, dist_info, stop_at, state, loader, sampler) -> dict[str, 
     )
     with GracefulStop() as stop:
         try:
-            t0, steps_timed = time.perf_counter(), 0
-            while state.step < cfg.train.steps:
-                sampler.set_epoch(state.epoch, start=state.batch_in_epoch * loader.batch_size)
-                loader.dataset.set_epoch(state.epoch)
-                batches = iter(loader)
-                while state.step < cfg.train.steps:
-                    micro = [b for _, b in zip(range(accum), batches)]
-                    if len(micro) < accum:  # epoch exhausted
-                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                        break
-                    metrics = train_step(state, micro, state.step)
-                    state.step += 1
-                    state.batch_in_epoch += accum
-                    steps_timed += 1
-                    if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-                        elapsed = time.perf_counter() - t0
-                        metrics["speed/seqs_per_s"] = seqs_per_step * steps_timed / elapsed
-                        metrics["speed/tokens_per_s"] = tokens_per_step * steps_timed / elapsed
-                        t0, steps_timed = time.perf_counter(), 0
-                        metrics = _reduce(metrics, dist_info)
-                        log.scalars(state.step, metrics)
-                        last = metrics
-                        bar.set_postfix(
-                            {k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("loss/")}
-                        )
-                    bar.update(1)
-                    if previewer.due(state.step, cfg.train.steps):
-                        previewer(state.student, state.step, state.autocast, log)
-                    if state.step % cfg.train.save_every == 0:
-                        save_checkpoint(state)
-                    if any_rank(stop.requested or state.step == stop_at, dist_info.device):
-                        save_checkpoint(state)
-                        return _summary(state, last, finished=False)
-            finished = True
+            finished, last = _run_steps(state, loader, sampler, log, bar, previewer, stop, stop_at)
             save_checkpoint(state)
+            if not finished:
+                return _summary(state, last, finished=False)
             _export(state)
             return _summary(state, last, finished=True, already_finished=already_finished)
         except NonFiniteLoss as e:
@@ -523,6 +413,44 @@ def _train_locked(cfg, dist_info, stop_at, state, loader, sampler) -> dict[str, 
             log.close()
             if not finished and dist_info.is_main and stop.requested:
                 print(f"stopped at step {state.step}; resume by running the same command again")
+
+
+def _run_steps(state, loader, sampler, log, bar, previewer, stop, stop_at) -> tuple[bool, dict[str, float]]:
+    """Steps until train.steps (True) or a stop (Ctrl-C, ``stop_at``: False), with the last logged metrics.
+
+    Each epoch gets its own DataLoader iterator, so the dataset draws that epoch's views."""
+    cfg, dist_info = state.cfg, state.dist
+    accum = cfg.optim.grad_accum
+    seqs_per_step = cfg.optim.batch_size * cfg.objective.num_views
+    tokens_per_step = seqs_per_step * state.student.config.block_size
+    last: dict[str, float] = {}
+    t0, steps_timed = time.perf_counter(), 0
+    while state.step < cfg.train.steps:
+        epoch = sampler.epoch_of(state.step)
+        sampler.set_steps(state.step, min(cfg.train.steps, (epoch + 1) * sampler.steps_per_epoch))
+        loader.dataset.set_epoch(epoch)
+        batches = iter(loader)
+        for _ in range(sampler.start, sampler.stop):
+            metrics = train_step(state, [next(batches) for _ in range(accum)], state.step)
+            state.step += 1
+            state.epoch, state.batch_in_epoch = sampler.position(state.step)
+            steps_timed += 1
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                elapsed = time.perf_counter() - t0
+                metrics["speed/seqs_per_s"] = seqs_per_step * steps_timed / elapsed
+                metrics["speed/tokens_per_s"] = tokens_per_step * steps_timed / elapsed
+                t0, steps_timed = time.perf_counter(), 0
+                last = _reduce(metrics, dist_info)
+                log.scalars(state.step, last)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in last.items() if k.startswith("loss/")})
+            bar.update(1)
+            if previewer.due(state.step, cfg.train.steps):
+                previewer(state.student, state.step, state.autocast, log)
+            if state.step % cfg.train.save_every == 0 and state.step < cfg.train.steps:
+                save_checkpoint(state)
+            if any_rank(stop.requested or state.step == stop_at, dist_info.device):
+                return False, last
+    return True, last
 
 
 def _reduce(metrics: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
