@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from st_ar.cli import build_parser, main
-from st_ar.commands.sample import merge_parts, padded_labels, sample_own_batches
+from st_ar.commands.sample import sample_settings
 from st_ar.distributed import DistInfo
 from st_ar.models.vq import VQConfig, VQModel
+from st_ar.sampling.to_file import merge_parts, padded_labels, sample_own_batches
 
 TINY = ["--model", "GPT-debug", "--model-args", json.dumps({"vocab_size": 64, "block_size": 16, "num_classes": 10})]
 
@@ -228,8 +229,9 @@ def test_ranks_share_the_batches_of_one_process(gpt_ckpt, vq_ckpt):
     model = GPT.from_checkpoint(gpt_ckpt, "GPT-debug", model_args=args.model_args).eval()
     vq = vq_ckpt[1]
     cpu = torch.device("cpu")
-    alone = sample_own_batches(model, vq, args.classes, args, DistInfo(device=cpu))
-    ranks = [sample_own_batches(model, vq, args.classes, args, DistInfo(r, r, 2, cpu)) for r in (0, 1)]
+    settings = sample_settings(args)
+    alone = sample_own_batches(model, vq, args.classes, settings, DistInfo(device=cpu))
+    ranks = [sample_own_batches(model, vq, args.classes, settings, DistInfo(r, r, 2, cpu)) for r in (0, 1)]
     # one process pads 5 samples to 6, two to 8: rank 0 runs batches 0 and 2, rank 1 batches 1 and 3
     np.testing.assert_array_equal(alone[0], np.arange(6))
     np.testing.assert_array_equal(ranks[0][0], [0, 1, 4, 5])
