@@ -68,7 +68,7 @@ from ablation import (  # noqa: E402  (benchmarks/ablation.py: the runs and thei
 
 from st_ar import pipeline  # noqa: E402
 from st_ar.models.gpt import GPT_PRESETS  # noqa: E402
-from st_ar.runfolder import write_json_atomic  # noqa: E402
+from st_ar.runfolder import atomic_write, write_json_atomic  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Shared data per dataset
@@ -212,9 +212,7 @@ def measure_cost() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
         print(out, flush=True)
         parts += [f"`python benchmarks/{' '.join(cmd[1:]).split('benchmarks/')[-1]}`", "", out.strip(), ""]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "cost.md"), "w") as f:
-        f.write("\n".join(parts))
+    atomic_write(os.path.join(RESULTS, "cost.md"), lambda f: f.write("\n".join(parts)), binary=False)
 
 
 def commit(paths: list[str], message: str, tries: int = 5) -> None:

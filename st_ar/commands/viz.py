@@ -9,7 +9,6 @@ with and without a small grid-shift search, and feature cosine per step, over --
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -21,6 +20,7 @@ from ..eval.viz import attention_maps, feature_cosine, locality_summary, render_
 from ..images import to_uint8
 from ..models.gpt import GPT
 from ..models.vq import VQModel
+from ..runfolder import write_json_atomic
 from . import int_list, json_object, resolve_device, resolve_dtype
 
 HELP = "analysis figures: attention maps, token agreement of two views"
@@ -131,8 +131,7 @@ def run_attention(args: argparse.Namespace) -> None:
         title=f"block {block}, image {args.index} (label {int(y[0])}, cond {args.cond})",
     )
     summary.update(index=args.index, steps=steps)
-    with open(os.path.join(args.out, "attention.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(args.out, "attention.json"), summary)
     print(f"wrote attention.png, attention.json to {args.out}")
 
 
@@ -197,6 +196,5 @@ def run_views(args: argparse.Namespace) -> None:
         title=f"image {i}: agreement {report['image']['agreement_same_position']:.2f}, "
         f"best shift {agree_i:.2f} at {shift_i}; cosine over {n} images",
     )
-    with open(os.path.join(args.out, "views.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomic(os.path.join(args.out, "views.json"), report)
     print(f"wrote views.png, views.json to {args.out}")
