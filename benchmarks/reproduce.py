@@ -31,6 +31,10 @@ dataset are built once under --work, deterministically from the seed.
 
 The equal-compute step count is fixed by a calibration (baseline and ST-AR steps alternated in one
 process, so machine noise hits both alike) that is stored in results/<dataset>/calibration.json.
+
+The runs and their settings are defined in benchmarks/ablation.py; the stages (tokenizer, codes,
+training, sampling, evaluation) are st_ar/pipeline.py's, the ones `st-ar demo` runs. This script runs
+the plan and keeps its result files.
 """
 
 from __future__ import annotations
