@@ -111,6 +111,12 @@ class Run:
         )
 
 
+def calibration_path(dataset: str) -> str:
+    """The equal-compute calibration of ``dataset`` (benchmarks/reproduce.py writes it before the first
+    baseline-ec run)."""
+    return os.path.join(RESULTS, dataset, "calibration.json")
+
+
 def plan() -> list[Run]:
     """Every run, in the order the sweep takes them: the main comparison first, so a partial sweep
     already answers the main question."""

@@ -15,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablation import RESULTS, ROOT, SAMPLING  # noqa: E402
+import ablation  # noqa: E402
+from ablation import ROOT, SAMPLING  # noqa: E402
 from reproduce import evaluator, prepare_data  # noqa: E402
 
 from st_ar import pipeline  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
                     f"{100 * r['class_accuracy']:.1f}% | {100 * r['probe_last']:.1f}% |",
                     flush=True,
                 )
-    write_json_atomic(os.path.join(RESULTS, args.dataset, "investigate.json"), rows)
+    write_json_atomic(os.path.join(ablation.RESULTS, args.dataset, "investigate.json"), rows)
 
 
 if __name__ == "__main__":

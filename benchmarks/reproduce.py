@@ -54,19 +54,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import ablation  # noqa: E402
 from ablation import (  # noqa: E402  (benchmarks/ablation.py: the runs and their settings)
     CODES,
     EVALUATION,
     IMAGES_PER_STEP,
     LR,
     MODEL,
-    RESULTS,
     ROOT,
     SAMPLING,
     STEPS,
     TOKENIZER,
     VARIANTS,
     Run,
+    calibration_path,
     plan,
 )
 
@@ -113,7 +114,7 @@ _evaluators: dict[str, pipeline.Evaluator] = {}
 
 def equal_compute_steps(dataset: str, data: dict[str, str], work: str) -> int:
     """Baseline steps costing as much time as STEPS ST-AR steps, from a stored calibration."""
-    path = os.path.join(RESULTS, dataset, "calibration.json")
+    path = calibration_path(dataset)
     if not os.path.isfile(path):
         print(f"[{dataset}] calibrating: baseline and ST-AR steps alternated in one process", flush=True)
         ratio = calibrate(data["train"], os.path.join(work, dataset, "calibration"))
@@ -216,7 +217,7 @@ def measure_cost() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
         print(out, flush=True)
         parts += [f"`python benchmarks/{' '.join(cmd[1:]).split('benchmarks/')[-1]}`", "", out.strip(), ""]
-    atomic_write(os.path.join(RESULTS, "cost.md"), lambda f: f.write("\n".join(parts)), binary=False)
+    atomic_write(os.path.join(ablation.RESULTS, "cost.md"), lambda f: f.write("\n".join(parts)), binary=False)
 
 
 def commit(paths: list[str], message: str, tries: int = 5) -> None:
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         if args.commit:
-            calibration = os.path.join(RESULTS, run.dataset, "calibration.json")
+            calibration = calibration_path(run.dataset)
             commit(
                 [run.result_path, run.result_path.replace(".json", ".png"), calibration],
                 f"reproduce: result of {run.key}",
