@@ -179,25 +179,28 @@ def test_fid_metrics_compute_what_the_inputs_allow_and_say_why_not_the_rest():
 )
 def test_eval_fid_command_against_reference_images_and_precomputed_statistics(tmp_path, monkeypatch, capsys):
     import json
+    from types import SimpleNamespace
 
     from st_ar.cli import main
+    from st_ar.eval.fid import reference_statistics
+    from st_ar.eval.inception import InceptionFeatures, bundled_network_path
 
     monkeypatch.setenv("ST_AR_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(1)
-    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8))
-    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8))
     common = ["eval", "fid", "--samples", str(tmp_path / "samples.npz"), "--device", "cpu"]
-    assert main([*common, "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "m.json")]) == 0
-    first = json.loads((tmp_path / "m.json").read_text())
-    assert first["num_samples"] == 6 and first["fid"] > 0 and {"kid", "precision", "recall", "sfid"} <= set(first)
-    assert "no logits" in first["not_computed"]["inception_score"]
-    assert "(reference images)" in capsys.readouterr().out
-    assert main([*common, "--ref", str(tmp_path / "ref.npz")]) == 0  # the statistics come from the cache now
-    assert "(cached reference statistics)" in capsys.readouterr().out
-    mu, sigma = np.zeros(2048), np.eye(2048)
-    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
-    assert main([*common, "--ref", str(tmp_path / "stats.npz"), "--out", str(tmp_path / "s.json")]) == 0
-    assert "(precomputed mu/sigma)" in capsys.readouterr().out
-    assert set(json.loads((tmp_path / "s.json").read_text())["not_computed"]) >= {"kid", "precision", "recall"}
-    assert main([*common, "--ref", str(tmp_path / "ref.npz"), "--max-samples", "0"]) == 2
+    assert main([*common, "--ref", str(tmp_path / "ref.npz"), "--max-samples", "0"]) == 2  # before any work
     assert "--max-samples must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*common, "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "m.json")]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["num_samples"] == 4 and result["fid"] > 0 and {"kid", "precision", "recall", "sfid"} <= set(result)
+    assert "no logits" in result["not_computed"]["inception_score"]
+    assert "(reference images)" in capsys.readouterr().out
+    # the second time the statistics come from the cache, keyed by the network file: no network runs
+    bundled = SimpleNamespace(name=InceptionFeatures.name.fget(SimpleNamespace(path=bundled_network_path())))
+    stats, source = reference_statistics(str(tmp_path / "ref.npz"), bundled)
+    assert source == "cached reference statistics" and stats["features"].shape == (4, 2048)
+    np.savez(tmp_path / "stats.npz", mu=stats["mu"], sigma=stats["sigma"])
+    stats, source = reference_statistics(str(tmp_path / "stats.npz"), None)
+    assert source == "precomputed mu/sigma" and set(stats) == {"mu", "sigma"}
