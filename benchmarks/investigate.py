@@ -10,14 +10,17 @@ the sweep does. Prints a markdown table and writes benchmarks/results/<dataset>/
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from reproduce import RESULTS, ROOT, Evaluator, data_config, prepare_data, sample_run  # noqa: E402
+import ablation  # noqa: E402
+from ablation import ROOT, SAMPLING  # noqa: E402
+from reproduce import evaluator, prepare_data  # noqa: E402
+
+from st_ar import pipeline  # noqa: E402
+from st_ar.runfolder import write_json_atomic  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +33,7 @@ def main() -> None:
 
     data = prepare_data(args.dataset, args.work)  # the sweep's tokenizer and codes (already built)
     tokenizer = data["tokenizer"]
-    evaluator = Evaluator(data_config(args.dataset), data["train"], data["test"])
+    evaluate = evaluator(args.dataset, data)
     rows = []
     for name in args.runs.split(","):
         run = os.path.join(args.work, args.dataset, "runs", name)
@@ -38,10 +41,10 @@ def main() -> None:
         seed = int(name.rsplit("-s", 1)[1])
         for w in weights:
             for t in (float(x) for x in args.temperatures.split(",")):
-                cfg = dataclasses.replace(data_config(args.dataset), seed=seed, temperature=t)
                 out = os.path.join(run, f"investigate_{w.split('.')[0]}_t{t}")
-                sample_run(cfg, os.path.join(run, w), tokenizer, out)
-                m = evaluator(os.path.join(run, w), os.path.join(out, "samples.npz"))
+                sampling = dict(SAMPLING, seed=seed, temperature=t)
+                pipeline.sample_model(os.path.join(run, w), tokenizer, out, **sampling)
+                m = evaluate(os.path.join(run, w), os.path.join(out, "samples.npz"))
                 probe = {int(s): a for s, a in m["probe"].items()}
                 rows.append(
                     dict(
@@ -60,8 +63,7 @@ def main() -> None:
                     f"{100 * r['class_accuracy']:.1f}% | {100 * r['probe_last']:.1f}% |",
                     flush=True,
                 )
-    with open(os.path.join(RESULTS, args.dataset, "investigate.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    write_json_atomic(os.path.join(ablation.RESULTS, args.dataset, "investigate.json"), rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ dataset are built once under --work, deterministically from the seed.
 
 The equal-compute step count is fixed by a calibration (baseline and ST-AR steps alternated in one
 process, so machine noise hits both alike) that is stored in results/<dataset>/calibration.json.
+
+The runs and their settings are defined in benchmarks/ablation.py; the stages (tokenizer, codes,
+training, sampling, evaluation) are st_ar/pipeline.py's, the ones `st-ar demo` runs. This script runs
+the plan and keeps its result files.
 """
 
 from __future__ import annotations
@@ -40,154 +44,67 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from st_ar.config import BASELINE, apply_overrides, preset  # noqa: E402
-from st_ar.demo import DemoConfig, Evaluator, codes_model_args, extract, sample_run, train_tokenizer  # noqa: E402
-from st_ar.models.gpt import GPT_PRESETS  # noqa: E402
-
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
-DATASETS = ("fashion-mnist", "mnist")
-SEEDS = (0, 1)
-
-PRESET = "demo-mnist-star"  # every run's settings before the changes below
-MODEL = "GPT-T"  # 4 blocks, width 128, no dropout: the demo-mnist-* presets
-DEPTH = GPT_PRESETS[MODEL]["n_layer"]
-STEPS = 800
-IMAGES_PER_STEP = 32
-LR = 2e-3
-
-# the evaluation and the data, shared by every run of a dataset (DemoConfig fields; see st_ar/demo.py)
-EVAL = dict(
-    tokenizer_steps=300,
-    train_images=10_000,
-    test_images=2_000,
-    per_class=50,  # 500 samples per run
-    cfg_scale=1.0,  # the paper's ablation table is without guidance
-    temperature=1.0,
-    fid_samples=500,
-    classifier_images=10_000,
-    probe_train_images=5_000,
-    probe_epochs=20,
+import ablation  # noqa: E402
+from ablation import (  # noqa: E402  (benchmarks/ablation.py: the runs and their settings)
+    CODES,
+    EVALUATION,
+    IMAGES_PER_STEP,
+    LR,
+    MODEL,
+    ROOT,
+    SAMPLING,
+    STEPS,
+    TOKENIZER,
+    VARIANTS,
+    Run,
+    calibration_path,
+    plan,
 )
 
-VARIANTS = {
-    "baseline": dict(BASELINE),
-    "mim": dict(mim=True, step=False, view=False, num_views=2),
-    "mim-step": dict(mim=True, step=True, view=False, num_views=2),
-    "mim-view": dict(mim=True, step=False, view=True, num_views=2),
-    "star": dict(mim=True, step=True, view=True, num_views=2),
-}
-
-
-# cosine EMA schedules besides the preset's 0.99 -> 0.999 (the star run)
-EMA_SCHEDULES = {"ema-fast": dict(ema_start=0.9, ema_decay=0.99), "ema-slow": dict(ema_start=0.999, ema_decay=0.9999)}
-# the Fashion-MNIST sweeps' values besides the star run's (mask 0.25, layer 2 of 4, K = 4)
-MASK_RATIOS = (0.15, 0.35, 0.45)
-LAYER_QUARTERS = (1, 3, 4)  # contrastive layer DEPTH * q // 4
-CONTRASTED_STEPS = (2, 8, 16)
-
-
-@dataclass
-class Run:
-    dataset: str
-    name: str  # e.g. star-s0, mask0.35-s0
-    seed: int
-    objective: dict
-    teacher: dict = dataclasses.field(default_factory=dict)  # TeacherConfig fields other than the preset's
-    steps: int = STEPS
-    equal_compute: bool = False
-    grid: bool = False  # keep a sample grid in the results
-
-    @property
-    def key(self) -> str:
-        return f"{self.dataset}/{self.name}"
-
-    @property
-    def result_path(self) -> str:
-        return os.path.join(RESULTS, self.dataset, f"{self.name}.json")
-
-
-def plan() -> list[Run]:
-    """Every run, in the order the sweep takes them: the main comparison first, so a partial sweep
-    already answers the main question."""
-
-    def variant(dataset: str, name: str, seed: int) -> Run:
-        if name == "baseline-ec":
-            return Run(dataset, f"{name}-s{seed}", seed, dict(BASELINE), equal_compute=True, grid=seed == 0)
-        return Run(dataset, f"{name}-s{seed}", seed, dict(VARIANTS[name]), grid=seed == 0)
-
-    def star(name: str, seed: int, teacher: str = "", **objective) -> Run:  # ST-AR on the main set, changed
-        teacher_changes = dict(EMA_SCHEDULES[teacher]) if teacher else {}
-        return Run(DATASETS[0], f"{name}-s{seed}", seed, dict(VARIANTS["star"], **objective), teacher_changes)
-
-    def masks(seed: int) -> list[Run]:
-        return [star(f"mask{ratio}", seed, mask_ratio=ratio) for ratio in MASK_RATIOS]
-
-    def layers(seed: int) -> list[Run]:
-        return [star(f"layer{q}of4", seed, contrastive_layer=DEPTH * q // 4) for q in LAYER_QUARTERS]
-
-    def contrasted_steps(seed: int) -> list[Run]:  # the paper's fourth sweep, K
-        return [star(f"k{k}", seed, num_steps=k) for k in CONTRASTED_STEPS]
-
-    runs = []
-    for dataset in DATASETS:
-        runs += [variant(dataset, name, seed) for seed in SEEDS for name in ("baseline", "star", "baseline-ec")]
-        runs += [variant(dataset, name, seed) for seed in SEEDS for name in ("mim", "mim-step", "mim-view")]
-        if dataset == DATASETS[0]:
-            # the faster teacher tests the stale-teacher explanation
-            runs += masks(0) + layers(0) + [star("ema-fast", 0, teacher="ema-fast")]
-    # then: a second seed of the faster teacher (it moved FID the most), the slower teacher
-    runs += [star("ema-fast", 1, teacher="ema-fast"), star("ema-slow", 0, teacher="ema-slow")]
-    # last: the two settings that helped, together (the faster teacher and the lowest mask ratio),
-    # and second seeds of the one-seed sweeps, whose differences are of the order of the seed spread
-    runs += [star("mask0.15-ema-fast", seed, teacher="ema-fast", mask_ratio=0.15) for seed in SEEDS]
-    runs += masks(1) + layers(1) + contrasted_steps(0) + contrasted_steps(1)
-    return runs + [star("ema-slow", 1, teacher="ema-slow")]
-
+from st_ar import pipeline  # noqa: E402
+from st_ar.models.gpt import GPT_PRESETS  # noqa: E402
+from st_ar.runfolder import atomic_write, write_json_atomic  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Shared data per dataset
 # --------------------------------------------------------------------------------------------------
 
 
-def data_config(dataset: str) -> DemoConfig:
-    return DemoConfig(dataset=dataset, seed=0, **EVAL)
-
-
 def prepare_data(dataset: str, work: str) -> dict[str, str]:
     """Tokenizer and codes of ``dataset`` under work/<dataset> (built once; resumes if interrupted)."""
-    cfg = data_config(dataset)
     base = os.path.join(work, dataset)
     tokenizer = os.path.join(base, "tokenizer", "tokenizer.pt")
     if not os.path.isfile(tokenizer):
         print(f"[{dataset}] training the tokenizer", flush=True)
-        train_tokenizer(cfg, os.path.dirname(tokenizer))
+        pipeline.train_tokenizer(os.path.dirname(tokenizer), dataset=dataset, **TOKENIZER)
     codes = {split: os.path.join(base, "codes", split) for split in ("train", "test")}
     for split, folder in codes.items():
-        if _incomplete(folder):  # absent, or stopped part way
+        if not pipeline.codes_finished(folder):  # absent, or stopped part way
             print(f"[{dataset}] tokenizing the {split} images", flush=True)
-            extract(cfg, tokenizer, folder, split)
+            limit = CODES["train_images"] if split == "train" else CODES["test_images"]
+            settings = {k: CODES[k] for k in ("image_size", "crops", "crop_range")}
+            pipeline.extract_split(tokenizer, folder, split, dataset=dataset, limit=limit, **settings)
     return {"tokenizer": tokenizer, **codes}
 
 
-def _incomplete(folder: str) -> bool:
-    from st_ar.data.codes import read_codes_meta
+def evaluator(dataset: str, data: dict[str, str]) -> pipeline.Evaluator:
+    """The classifier, real-image features and probe codes of ``dataset``, prepared once per process."""
+    if dataset not in _evaluators:
+        _evaluators[dataset] = pipeline.Evaluator(data["train"], data["test"], dataset=dataset, **EVALUATION)
+    return _evaluators[dataset]
 
-    try:
-        read_codes_meta(folder)
-        return False
-    except (ValueError, FileNotFoundError):
-        return True
+
+_evaluators: dict[str, pipeline.Evaluator] = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,44 +112,13 @@ def _incomplete(folder: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_config(run: Run, codes: str, out: str, steps: int):
-    from st_ar.data.codes import read_codes_meta
-
-    meta = read_codes_meta(codes)
-    base = preset(PRESET)
-    objective = [f"objective.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in run.objective.items()]
-    teacher = [f"teacher.{k}={v}" for k, v in run.teacher.items()]
-    # the star preset with the baseline's objective builds no teacher or projector
-    return apply_overrides(
-        base,
-        [
-            f"model.name={MODEL}",
-            f"model.args={json.dumps({**base.model.args, **codes_model_args(meta)})}",
-            f"data.codes={codes}",
-            f"optim.batch_size={IMAGES_PER_STEP}",
-            f"optim.lr={LR}",
-            "optim.scale_lr=false",
-            f"train.steps={steps}",
-            f"train.save_every={max(1, steps // 4)}",
-            "train.log_every=20",
-            "train.precision=fp32",
-            f"train.seed={run.seed}",
-            f"train.out_dir={out}",
-            *objective,
-            *teacher,
-        ],
-    )
-
-
 def equal_compute_steps(dataset: str, data: dict[str, str], work: str) -> int:
     """Baseline steps costing as much time as STEPS ST-AR steps, from a stored calibration."""
-    path = os.path.join(RESULTS, dataset, "calibration.json")
+    path = calibration_path(dataset)
     if not os.path.isfile(path):
         print(f"[{dataset}] calibrating: baseline and ST-AR steps alternated in one process", flush=True)
         ratio = calibrate(data["train"], os.path.join(work, dataset, "calibration"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"star_over_baseline_step_time": ratio, **machine()}, f, indent=2)
+        write_json_atomic(path, {"star_over_baseline_step_time": ratio, **machine()})
     with open(path) as f:
         ratio = json.load(f)["star_over_baseline_step_time"]
     return int(round(STEPS * ratio))
@@ -247,7 +133,7 @@ def calibrate(codes: str, work: str, steps: int = 12, rounds: int = 3) -> float:
     states = {}
     for kind in ("baseline", "star"):
         run = Run("calibration", kind, 0, dict(VARIANTS[kind]))
-        cfg = run_config(run, codes, os.path.join(work, kind), steps)
+        cfg = run.config(codes, os.path.join(work, kind), steps)
         state = build_state(cfg, DistInfo())
         dataset = CodesDataset(codes, cfg.objective.num_views, seed=0)
         loader, _ = build_loader(cfg, DistInfo(), dataset)
@@ -272,32 +158,22 @@ def machine() -> dict:
     }
 
 
-_evaluators: dict[str, Evaluator] = {}
-
-
 def execute(run: Run, work: str) -> dict:
-    from st_ar.train.loop import train
-
     data = prepare_data(run.dataset, work)
     steps = equal_compute_steps(run.dataset, data, work) if run.equal_compute else run.steps
     out = os.path.join(work, run.dataset, "runs", run.name)
-    cfg = run_config(run, data["train"], out, steps)
+    cfg = run.config(data["train"], out, steps)
     print(f"[{run.key}] training {steps} steps", flush=True)
-    t0 = time.perf_counter()
-    summary = train(cfg)
-    if not summary["finished"]:
-        raise KeyboardInterrupt
-    seconds = time.perf_counter() - t0
+    summary, seconds = pipeline.train_gpt(cfg)
     speeds = [json.loads(line).get("speed/seqs_per_s") for line in open(os.path.join(out, "metrics.jsonl"))]
     speeds = [s for s in speeds if s]
     seqs_per_step = IMAGES_PER_STEP * cfg.objective.num_views
-    dcfg = dataclasses.replace(data_config(run.dataset), seed=run.seed)
     print(f"[{run.key}] sampling and evaluating", flush=True)
-    sampled = sample_run(dcfg, os.path.join(out, "model.pt"), data["tokenizer"], os.path.join(out, "samples"))
-    if run.dataset not in _evaluators:  # the classifier, real-image features and probe codes, once
-        _evaluators[run.dataset] = Evaluator(data_config(run.dataset), data["train"], data["test"])
-    evaluator = _evaluators[run.dataset]
-    metrics = evaluator(os.path.join(out, "model.pt"), os.path.join(out, "samples", "samples.npz"))
+    samples = os.path.join(out, "samples")
+    model = os.path.join(out, "model.pt")
+    sampled = pipeline.sample_model(model, data["tokenizer"], samples, seed=run.seed, **SAMPLING)
+    evaluate = evaluator(run.dataset, data)
+    metrics = evaluate(model, os.path.join(samples, "samples.npz"))
     result = {
         "run": run.key,
         "variant": run.name.rsplit("-s", 1)[0],
@@ -312,21 +188,16 @@ def execute(run: Run, work: str) -> dict:
         "train_seconds": round(seconds, 1),
         "s_per_step": float(np.median([seqs_per_step / s for s in speeds])) if speeds else seconds / steps,
         "final_losses": {k: v for k, v in summary["metrics"].items() if k.startswith("loss/")},
-        "sampling": {**sampled, "cfg_scale": dcfg.cfg_scale, "temperature": dcfg.temperature},
+        "sampling": {**sampled, "cfg_scale": SAMPLING["cfg_scale"], "temperature": SAMPLING["temperature"]},
         "metrics": metrics,
-        "evaluation": evaluator.summary,
+        "evaluation": evaluate.summary,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    os.makedirs(os.path.dirname(run.result_path), exist_ok=True)
     if run.grid:
-        import shutil
-
-        shutil.copyfile(os.path.join(out, "samples", "grid.png"), run.result_path.replace(".json", ".png"))
-    tmp = run.result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, run.result_path)
+        os.makedirs(os.path.dirname(run.result_path), exist_ok=True)
+        shutil.copyfile(os.path.join(samples, "grid.png"), run.result_path.replace(".json", ".png"))
+    write_json_atomic(run.result_path, result)
     return result
 
 
@@ -346,9 +217,7 @@ def measure_cost() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
         print(out, flush=True)
         parts += [f"`python benchmarks/{' '.join(cmd[1:]).split('benchmarks/')[-1]}`", "", out.strip(), ""]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "cost.md"), "w") as f:
-        f.write("\n".join(parts))
+    atomic_write(os.path.join(ablation.RESULTS, "cost.md"), lambda f: f.write("\n".join(parts)), binary=False)
 
 
 def commit(paths: list[str], message: str, tries: int = 5) -> None:
@@ -410,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         if args.commit:
-            calibration = os.path.join(RESULTS, run.dataset, "calibration.json")
+            calibration = calibration_path(run.dataset)
             commit(
                 [run.result_path, run.result_path.replace(".json", ".png"), calibration],
                 f"reproduce: result of {run.key}",

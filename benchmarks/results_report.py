@@ -1,6 +1,6 @@
 """Tables and figures of docs/RESULTS.md from the result files of benchmarks/reproduce.py.
 
-    python benchmarks/reproduce.py --report
+    python benchmarks/results_report.py          # or: python benchmarks/reproduce.py --report
 
 Rewrites only the part of docs/RESULTS.md between the ``<!-- results:start -->`` and
 ``<!-- results:end -->`` markers (the discussion around them is written by hand), and the figures
@@ -12,10 +12,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ablation import (  # noqa: E402  (benchmarks/ablation.py: the runs and their settings)
+    CONTRASTED_STEPS,
+    DATASETS,
+    DEPTH,
+    LAYER_QUARTERS,
+    MASK_RATIOS,
+    PRESET,
+    ROOT,
+    SEEDS,
+    plan,
+)
+
+from st_ar.config import preset  # noqa: E402
+from st_ar.runfolder import atomic_write  # noqa: E402
+
 DOC = os.path.join(ROOT, "docs", "RESULTS.md")
 FIGURES = os.path.join(ROOT, "docs", "results")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -155,9 +172,6 @@ def _grid(dataset: str, variant: str) -> str:
 
 
 def write_results(runs) -> None:
-    # from benchmarks/reproduce.py
-    from reproduce import CONTRASTED_STEPS, DATASETS, DEPTH, LAYER_QUARTERS, MASK_RATIOS, PRESET, SEEDS, preset
-
     results = load(runs)
     os.makedirs(FIGURES, exist_ok=True)
     body = [START, "", f"{len(results)} of {len(runs)} runs have results.", ""]
@@ -206,6 +220,9 @@ def write_results(runs) -> None:
         raise ValueError(f"{DOC} lacks the {START} / {END} markers")
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    with open(DOC, "w") as f:
-        f.write(head + "\n".join(body) + tail)
+    atomic_write(DOC, lambda f: f.write(head + "\n".join(body) + tail), binary=False)
     print(f"wrote {DOC} ({len(results)} results)")
+
+
+if __name__ == "__main__":
+    write_results(plan())

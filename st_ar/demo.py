@@ -12,6 +12,9 @@ Both models get the same budget: the same GPT, steps, learning rate and number o
 step. The baseline sees ``sequences_per_step`` images with one view each, ST-AR half as many images with
 two views each (the paper's M = 2), so both fit the same number of next-token predictions per step;
 ST-AR additionally pays for its teacher and projector, and the report gives both wall-clock times.
+
+The stages themselves are st_ar/pipeline.py's (benchmarks/reproduce.py runs the same ones); this module
+holds the demo's settings, the bookkeeping of stages.json and the report.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import apply_overrides, preset
-from .data.codes import read_codes_meta
-from .images import save_grid
+from . import pipeline
+from .config import RunConfig, apply_overrides
+from .runfolder import atomic_write, write_json_atomic
 
 MODELS = ("baseline", "star")
 TITLES = {"baseline": "LlamaGen baseline", "star": "ST-AR"}
@@ -147,10 +150,7 @@ class Stages:
         result = fn()
         seconds = time.perf_counter() - t0
         self.records[name] = {"key": self.chain, "seconds": round(seconds, 1), "result": result}
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.records, f, indent=2)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.records)
         elapsed = time.perf_counter() - self.start
         print(f"{header}: done in {_mmss(seconds)} (demo so far {_mmss(elapsed)})", flush=True)
         return result
@@ -167,178 +167,74 @@ def _mmss(seconds: float) -> str:
 
 
 def train_tokenizer(cfg: DemoConfig, out: str) -> dict:
-    from torch.utils.data import Subset
-
-    from .data.datasets import open_dataset
-    from .tokenizer.train import TokenizerTrainConfig, checkpoint_path
-    from .tokenizer.train import train as train_vq
-
-    config = TokenizerTrainConfig(
-        out=out,
+    return pipeline.train_tokenizer(
+        out,
         dataset=cfg.dataset,
         image_size=cfg.image_size,
-        preset=cfg.vq_preset,
+        vq_preset=cfg.vq_preset,
         vq_args=cfg.vq_args,
         steps=cfg.tokenizer_steps,
-        eval_every=0,
-        save_every=100,
+        eval_images=cfg.tokenizer_eval_images,
         seed=cfg.seed,
     )
-    test = open_dataset(cfg.dataset, "test")
-    held_out = Subset(test, range(min(cfg.tokenizer_eval_images, len(test))))
-    metrics = train_vq(config, resume=os.path.exists(checkpoint_path(out)), eval_set=held_out)
-    return {k: metrics[k] for k in ("psnr", "codebook_usage", "perplexity", "images") if k in metrics}
 
 
 def extract(cfg: DemoConfig, tokenizer: str, out: str, split: str) -> dict:
-    from .data.codes import extract_codes
-    from .data.datasets import open_dataset
-
-    train = split == "train"
-    report = extract_codes(
-        open_dataset(cfg.dataset, split),
+    limit = cfg.train_images if split == "train" else cfg.test_images
+    return pipeline.extract_split(
         tokenizer,
         out,
+        split,
+        dataset=cfg.dataset,
         image_size=cfg.image_size,
-        crop_ranges=(cfg.crop_range,),
-        crops=cfg.crops if train else "center",  # the test split only feeds the probe: one view
-        batch_size=256,
-        limit=cfg.train_images if train else cfg.test_images,
-        chunk_size=2000,
+        limit=limit,
+        crops=cfg.crops,
+        crop_range=cfg.crop_range,
     )
-    meta = read_codes_meta(out)
-    return {"images": meta["count"], "crops": meta["num_crops"], "seconds": round(report.seconds, 1)}
 
 
-def codes_model_args(meta: dict) -> dict:
-    """The GPT fields an extraction fixes: vocabulary, tokens per image, classes."""
-    return dict(vocab_size=meta["vocab_size"], block_size=meta["seq_len"], num_classes=meta["num_classes"])
-
-
-def run_config(cfg: DemoConfig, kind: str, codes: str, out: str):
+def run_config(cfg: DemoConfig, kind: str, codes: str, out: str) -> RunConfig:
+    """The demo-mnist-* preset of ``kind`` with the demo's settings, then ``cfg.overrides``."""
     views = 1 if kind == "baseline" else 2
     if cfg.sequences_per_step % views:
         raise ValueError(f"sequences_per_step must be even (ST-AR takes 2 views), got {cfg.sequences_per_step}")
-    meta = read_codes_meta(codes)
-    base = preset("demo-mnist-star" if kind == "star" else "demo-mnist-baseline")
-    args = {**base.model.args, **cfg.gpt_args, **codes_model_args(meta)}
-    overrides = [
-        f"model.name={cfg.model}",
-        f"model.args={json.dumps(args)}",
-        f"data.codes={codes}",
-        f"optim.batch_size={cfg.sequences_per_step // views}",
-        f"optim.lr={cfg.lr}",
-        "optim.scale_lr=false",
-        f"train.steps={cfg.steps}",
-        f"train.save_every={max(1, cfg.steps // 4)}",
-        f"train.log_every={max(1, min(20, cfg.steps // 10))}",
-        f"train.precision={cfg.precision}",
-        f"train.seed={cfg.seed}",
-        f"train.out_dir={out}",
-    ]
-    return apply_overrides(base, overrides + list(cfg.overrides))
+    run = pipeline.gpt_run_config(
+        "demo-mnist-star" if kind == "star" else "demo-mnist-baseline",
+        codes,
+        out,
+        model=cfg.model,
+        model_args=cfg.gpt_args,
+        batch_size=cfg.sequences_per_step // views,
+        lr=cfg.lr,
+        steps=cfg.steps,
+        log_every=max(1, min(20, cfg.steps // 10)),
+        precision=cfg.precision,
+        seed=cfg.seed,
+    )
+    return apply_overrides(run, list(cfg.overrides))
 
 
 def train_gpt(cfg: DemoConfig, kind: str, codes: str, out: str) -> dict:
-    from .train.loop import train
-
-    t0 = time.perf_counter()
-    summary = train(run_config(cfg, kind, codes, out))
-    if not summary["finished"]:
-        raise KeyboardInterrupt  # stopped by Ctrl-C: the checkpoint is saved, the next run resumes
-    seconds = time.perf_counter() - t0
+    summary, seconds = pipeline.train_gpt(run_config(cfg, kind, codes, out))
     losses = {k.split("/")[-1]: v for k, v in summary["metrics"].items() if k.startswith("loss/")}
     return {"steps": summary["step"], "seconds": round(seconds, 1), "s_per_step": seconds / cfg.steps, "loss": losses}
 
 
-def sample_run(cfg: DemoConfig, model_path: str, tokenizer: str, out: str) -> dict:
-    """``cfg.per_class`` class-conditional samples of one model into out/samples.npz and out/grid.png
-    (row c of the grid is class c). Every model sampled with the same settings gets the same seed."""
-    from .models.gpt import GPT
-    from .models.vq import VQModel
-    from .sampling.generate import generate_images
-
-    vq = VQModel.from_checkpoint(tokenizer).eval()
-    model = GPT.from_checkpoint(model_path).eval()
-    classes = model.config.num_classes
-    labels = torch.arange(classes).repeat_interleave(cfg.per_class)
-    t0 = time.perf_counter()
-    _, images = generate_images(
-        model,
-        vq,
-        labels,
-        batch_size=cfg.sample_batch,
-        cfg_scale=cfg.cfg_scale,
-        temperature=cfg.temperature,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        progress=f"sampling {os.path.basename(os.path.dirname(model_path))}",
-    )
-    seconds = time.perf_counter() - t0
-    os.makedirs(out, exist_ok=True)
-    np.savez(os.path.join(out, "samples.npz"), arr_0=images, labels=labels.numpy())
-    shown = min(cfg.per_class, 10)  # at most 10 per class in the grid
-    keep = np.concatenate([np.arange(c * cfg.per_class, c * cfg.per_class + shown) for c in range(classes)])
-    save_grid(images[keep], os.path.join(out, "grid.png"), nrow=shown)
-    return {"samples": len(images), "tokens_per_s": len(images) * model.config.block_size / seconds}
-
-
-class Evaluator:
-    """What every model is measured against, prepared once: the domain classifier, real test images and
-    their Inception features, and the probe's codes (centre crops of train and test images)."""
-
-    def __init__(self, cfg: DemoConfig, train_codes: str, test_codes: str):
-        from .eval.domain import DomainClassifier, dataset_arrays
-        from .eval.inception import InceptionFeatures, compute_features
-        from .eval.metrics import feature_stats
-
-        self.cfg = cfg
-        self.classifier = DomainClassifier.load_or_train(
-            cfg.dataset, epochs=cfg.classifier_epochs, max_images=cfg.classifier_images, seed=cfg.seed
-        )
-        self.real, real_labels, _ = dataset_arrays(cfg.dataset, "test", max_images=cfg.test_images, seed=cfg.seed)
-        self.inception = InceptionFeatures()
-        self.n_fid = min(cfg.fid_samples, len(self.real))
-        ref = compute_features(self.inception, self.real[: self.n_fid], batch_size=50, desc="Inception, real images")
-        self.ref_stats = feature_stats(ref["pool"])
-        self.probe_train = _center_view(train_codes, cfg.probe_train_images)
-        self.probe_test = _center_view(test_codes, None)
-        self.summary = {
-            "classifier_test_accuracy": self.classifier.class_accuracy(self.real, real_labels),
-            "fid_reference_images": self.n_fid,
-            "real_test_images": len(self.real),
-        }
-
-    def __call__(self, model_path: str, samples_npz: str) -> dict:
-        """Class accuracy and domain FID (small CNN), Inception FID, and the linear-probe curve of one model."""
-        from .eval.domain import domain_fid
-        from .eval.inception import compute_features
-        from .eval.metrics import feature_stats, frechet_distance
-        from .eval.probe import probe_curve
-        from .models.gpt import GPT
-
-        with np.load(samples_npz) as z:
-            images, labels = z["arr_0"], z["labels"]
-        # samples come in class order: a random subset keeps every class in the FID sample
-        pick = np.random.default_rng(self.cfg.seed).permutation(len(images))[: self.n_fid]
-        feats = compute_features(self.inception, images[pick], batch_size=50, desc="Inception, samples")["pool"]
-        model = GPT.from_checkpoint(model_path).eval()
-        layer = model.config.n_layer // 2
-        curve = probe_curve(
-            model, self.probe_train, self.probe_test, layer=layer, epochs=self.cfg.probe_epochs, seed=self.cfg.seed
-        ).accuracy
-        return {
-            "class_accuracy": self.classifier.class_accuracy(images, labels),
-            "domain_fid": domain_fid(self.classifier, images, self.real),
-            "fid": frechet_distance(*feature_stats(feats), *self.ref_stats),
-            "fid_samples": len(pick),
-            "probe_layer": layer,
-            "probe": {str(s): a for s, a in curve.items()},
-        }
-
-
 def sample_models(cfg: DemoConfig, runs: dict[str, str], tokenizer: str, out: str) -> dict:
+    """``cfg.per_class`` samples of every class of each model into out/KIND (row c of grid.png: class c);
+    every model gets the same seed."""
     return {
-        kind: sample_run(cfg, os.path.join(run, "model.pt"), tokenizer, os.path.join(out, kind))
+        kind: pipeline.sample_model(
+            os.path.join(run, "model.pt"),
+            tokenizer,
+            os.path.join(out, kind),
+            per_class=cfg.per_class,
+            batch_size=cfg.sample_batch,
+            cfg_scale=cfg.cfg_scale,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            desc=f"sampling {kind}",
+        )
         for kind, run in runs.items()
     }
 
@@ -346,7 +242,18 @@ def sample_models(cfg: DemoConfig, runs: dict[str, str], tokenizer: str, out: st
 def evaluate(cfg: DemoConfig, samples: str, codes: dict[str, str], runs: dict[str, str], out: str) -> dict:
     from .eval.probe import plot_probe
 
-    evaluator = Evaluator(cfg, codes["train"], codes["test"])
+    evaluator = pipeline.Evaluator(
+        codes["train"],
+        codes["test"],
+        dataset=cfg.dataset,
+        test_images=cfg.test_images,
+        classifier_images=cfg.classifier_images,
+        classifier_epochs=cfg.classifier_epochs,
+        fid_samples=cfg.fid_samples,
+        probe_train_images=cfg.probe_train_images,
+        probe_epochs=cfg.probe_epochs,
+        seed=cfg.seed,
+    )
     result = dict(evaluator.summary, models={})
     for kind, run in runs.items():
         npz = os.path.join(samples, kind, "samples.npz")
@@ -354,16 +261,8 @@ def evaluate(cfg: DemoConfig, samples: str, codes: dict[str, str], runs: dict[st
     os.makedirs(out, exist_ok=True)
     curves = {TITLES[k]: {int(s): a for s, a in m["probe"].items()} for k, m in result["models"].items()}
     plot_probe(curves, os.path.join(out, "probe.png"), title=f"linear probe on {cfg.dataset}, middle layer")
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json_atomic(os.path.join(out, "metrics.json"), result)
     return result
-
-
-def _center_view(folder: str, limit: int | None):
-    from .eval.probe import first_view_codes
-
-    names = read_codes_meta(folder)["crop_names"]
-    return first_view_codes(folder, limit, view=names.index("center"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,8 +385,7 @@ def write_report(cfg: DemoConfig, out: str, records: dict[str, dict]) -> str:
         "",
     ]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    atomic_write(path, lambda f: f.write("\n".join(lines)), binary=False)
     return path
 
 

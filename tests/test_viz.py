@@ -12,6 +12,8 @@ from st_ar.eval.viz import (
     attention_maps,
     causal_neighbours,
     locality_summary,
+    mean_locality,
+    mean_token_agreement,
     neighbour_mask,
     query_heatmap,
     render_attention,
@@ -77,6 +79,24 @@ def test_token_agreement():
     assert best == 1.0 and shift == (0, -1)
     with pytest.raises(ValueError):
         token_agreement(a, b[:4])
+
+
+def test_averages_over_images_weigh_every_image_alike():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 50, size=(3, 16))
+    flipped = a.reshape(3, 4, 4)[:, :, ::-1].reshape(3, 16)
+    m = mean_token_agreement(a, flipped, (4, 4), max_shift=1, mirror=True)
+    expected = np.mean([token_agreement(x.reshape(4, 4), y.reshape(4, 4))[0] for x, y in zip(a, flipped)])
+    assert m["agreement_same_position"] == pytest.approx(expected) and m["agreement_mirrored_best_shift"] == 1.0
+    assert mean_token_agreement(a, a, (4, 4), max_shift=0, mirror=False)["agreement_mirrored_best_shift"] is None
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, num_classes=10, n_layer=2, n_head=2, dim=32)).eval()
+    codes, labels = torch.from_numpy(a), torch.tensor([1, 2, 3])
+    in_batches, count = mean_locality(model, codes, labels, 2, (4, 4), batch_size=2)  # batches of 2 and 1
+    at_once = locality_summary(attention_maps(model, codes, labels, 2), (4, 4))
+    assert count == 3 and in_batches["neighbour_mass"] == pytest.approx(at_once["neighbour_mass"], abs=1e-6)
+    assert in_batches["class_mass_per_head"] == pytest.approx(at_once["class_mass_per_head"], abs=1e-6)
 
 
 def test_renderers_write_pngs(tmp_path):

@@ -9,7 +9,6 @@ per model, so a baseline and an ST-AR model sit on one plot).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -17,6 +16,7 @@ import torch
 
 from ..eval.probe import plot_probe, probe_curve
 from ..models.gpt import GPT
+from ..runfolder import write_json_atomic
 from . import int_list, json_object, resolve_device, resolve_dtype
 
 HELP = "linear probe of per-step features (understanding)"
@@ -93,8 +93,7 @@ def run(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    with open(os.path.join(args.out, "probe.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomic(os.path.join(args.out, "probe.json"), report)
     layers = sorted({m["layer"] for m in report["models"].values()})
     plot_probe(curves, os.path.join(args.out, "probe.png"), title=f"linear probe, layer {', '.join(map(str, layers))}")
     print(f"wrote probe.json, probe.png to {args.out}")

@@ -9,18 +9,25 @@ with and without a small grid-shift search, and feature cosine per step, over --
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-import numpy as np
 import torch
 
 from ..data.codes import read_codes_meta
 from ..eval.probe import default_steps, extract_step_features, first_view_codes
-from ..eval.viz import attention_maps, feature_cosine, locality_summary, render_attention, render_views, token_agreement
+from ..eval.viz import (
+    attention_maps,
+    feature_cosine,
+    mean_locality,
+    mean_token_agreement,
+    render_attention,
+    render_views,
+    token_agreement,
+)
 from ..images import to_uint8
 from ..models.gpt import GPT
 from ..models.vq import VQModel
+from ..runfolder import write_json_atomic
 from . import int_list, json_object, resolve_device, resolve_dtype
 
 HELP = "analysis figures: attention maps, token agreement of two views"
@@ -90,24 +97,17 @@ def run_attention(args: argparse.Namespace) -> None:
     codes, labels = first_view_codes(args.codes, view=args.view)
     _check_index(args, len(codes))
 
-    def cond_for(y):
-        return torch.full_like(y, cfg.null_class) if args.cond == "null" else y
-
-    # locality over the first --num-images images, in batches
-    n = min(max(args.num_images, 1), len(codes))
-    sums, count = None, 0
-    for i in range(0, n, args.batch_size):
-        j = min(i + args.batch_size, n)
-        x, y = codes[i:j].to(device), labels[i:j].to(device)
-        s = locality_summary(attention_maps(model, x, cond_for(y), block), grid)
-        b = x.shape[0]
-        if sums is None:
-            sums = {k: np.asarray(v, dtype=np.float64) * b for k, v in s.items() if k not in ("num_images",)}
-        else:
-            for k in sums:
-                sums[k] += np.asarray(s[k], dtype=np.float64) * b
-        count += b
-    summary = {k: (v / count).tolist() for k, v in sums.items() if k != "num_queries"}
+    n = min(max(args.num_images, 1), len(codes))  # the locality summary averages the first n images
+    summary, count = mean_locality(
+        model,
+        codes[:n],
+        labels[:n],
+        block,
+        grid,
+        null_class=args.cond == "null",
+        batch_size=args.batch_size,
+        device=device,
+    )
     summary.update(num_images=count, block=block, cond=args.cond, ckpt=os.path.abspath(args.ckpt))
     print(
         f"block {block}: neighbour mass {summary['neighbour_mass']:.3f} "
@@ -115,7 +115,8 @@ def run_attention(args: argparse.Namespace) -> None:
     )
 
     x, y = codes[args.index : args.index + 1].to(device), labels[args.index : args.index + 1].to(device)
-    attn = attention_maps(model, x, cond_for(y), block)[0].cpu()  # (H, T, T)
+    cond = torch.full_like(y, cfg.null_class) if args.cond == "null" else y
+    attn = attention_maps(model, x, cond, block)[0].cpu()  # (H, T, T)
     image = None
     if args.vq_ckpt:
         vq = VQModel.from_checkpoint(args.vq_ckpt, args.vq_model, trust=args.trust_checkpoint).to(device).eval()
@@ -131,8 +132,7 @@ def run_attention(args: argparse.Namespace) -> None:
         title=f"block {block}, image {args.index} (label {int(y[0])}, cond {args.cond})",
     )
     summary.update(index=args.index, steps=steps)
-    with open(os.path.join(args.out, "attention.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(args.out, "attention.json"), summary)
     print(f"wrote attention.png, attention.json to {args.out}")
 
 
@@ -148,13 +148,7 @@ def run_views(args: argparse.Namespace) -> None:
     n = min(max(args.num_images, 1), len(codes_a))
     # a flip mirrors the token grid: compare with the mirrored grid too when exactly one view is flipped
     one_flipped = names[0].startswith("flip") != names[1].startswith("flip")
-    same, shifted, mirrored = [], [], []
-    for i in range(n):
-        a, b = codes_a[i].view(grid).numpy(), codes_b[i].view(grid).numpy()
-        same.append(token_agreement(a, b)[0])
-        shifted.append(token_agreement(a, b, args.max_shift)[0])
-        if one_flipped:
-            mirrored.append(token_agreement(a, b[:, ::-1], args.max_shift)[0])
+    agreement = mean_token_agreement(codes_a[:n], codes_b[:n], grid, args.max_shift, mirror=one_flipped)
     layer = args.layer if args.layer is not None else cfg.n_layer // 2
     steps = args.steps or default_steps(cfg.block_size)
     extract = dict(steps=steps, layer=layer, batch_size=args.batch_size, device=device, progress=False)
@@ -172,9 +166,7 @@ def run_views(args: argparse.Namespace) -> None:
         "num_images": n,
         "layer": layer,
         "max_shift": args.max_shift,
-        "agreement_same_position": float(np.mean(same)),
-        "agreement_best_shift": float(np.mean(shifted)),
-        "agreement_mirrored_best_shift": float(np.mean(mirrored)) if mirrored else None,
+        **agreement,
         "feature_cosine": {str(s): c for s, c in cosine.items()},
         "image": {
             "index": i,
@@ -197,6 +189,5 @@ def run_views(args: argparse.Namespace) -> None:
         title=f"image {i}: agreement {report['image']['agreement_same_position']:.2f}, "
         f"best shift {agree_i:.2f} at {shift_i}; cosine over {n} images",
     )
-    with open(os.path.join(args.out, "views.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomic(os.path.join(args.out, "views.json"), report)
     print(f"wrote views.png, views.json to {args.out}")

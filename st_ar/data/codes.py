@@ -92,6 +92,19 @@ def read_codes_meta(folder: str | os.PathLike, *, require_complete: bool = True)
     return meta
 
 
+def read_codes_labels(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, labels) of an extraction folder: the rows of codes.npy that hold an image (images skipped as
+    corrupt, label -1, are left out) and those images' int64 labels."""
+    labels = np.load(os.path.join(folder, "labels.npy"))
+    rows = np.flatnonzero(labels >= 0)
+    return rows, labels[rows].astype(np.int64)
+
+
+def map_codes(folder: str | os.PathLike) -> np.ndarray:
+    """codes.npy of an extraction folder, memory-mapped read-only: (N, num_crops, T)."""
+    return np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")
+
+
 def check_codes_match(meta: dict[str, Any], vocab_size: int, block_size: int, num_classes: int | None = None) -> None:
     """Refuse, before training starts, codes that do not fit the model (a GPT would index out of range or
     learn the wrong grid)."""

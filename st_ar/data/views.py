@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .codes import check_codes_match, read_codes_meta
+from .codes import check_codes_match, map_codes, read_codes_labels, read_codes_meta
 
 _MASK64 = (1 << 64) - 1
 
@@ -93,9 +93,7 @@ class CodesDataset(Dataset):
                 f"(crops={self.meta['crops']!r}); extract with --crops ten for up to 10 distinct views"
             )
         self.num_views, self.seed = num_views, seed
-        labels = np.load(os.path.join(self.folder, "labels.npy"))
-        self._rows = np.flatnonzero(labels >= 0)  # dataset index -> row of codes.npy
-        self._labels = labels[self._rows]
+        self._rows, self._labels = read_codes_labels(self.folder)  # dataset index -> row of codes.npy, label
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._codes: np.ndarray | None = None
 
@@ -138,7 +136,7 @@ class CodesDataset(Dataset):
         if not 0 <= i < len(self._rows):
             raise IndexError(f"index {i} out of range for {len(self._rows)} images")
         if self._codes is None:
-            self._codes = np.load(os.path.join(self.folder, "codes.npy"), mmap_mode="r")  # (N, K, T)
+            self._codes = map_codes(self.folder)  # (N, K, T)
         seqs = self._codes[self._rows[i], self.views(i)]  # (num_views, T), copied out of the map
         return torch.from_numpy(seqs.astype(np.int64)), int(self._labels[i])
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..data.datasets import cache_dir, open_dataset
 from ..progress import progress_bar
+from ..runfolder import atomic_write
 from .metrics import feature_stats, frechet_distance
 
 SIZE = 32
@@ -111,10 +112,7 @@ class DomainClassifier:
         model = train_classifier(
             to_input(images), torch.as_tensor(labels), num_classes, epochs, batch_size, seed, progress
         )
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(model.state_dict(), f))  # never half a cache file
         return cls(model, trained_now=True)
 
     @staticmethod
@@ -172,3 +170,34 @@ def domain_fid(clf: DomainClassifier, samples: np.ndarray, reference_images: np.
     mu1, s1 = feature_stats(clf.features(samples))
     mu2, s2 = feature_stats(clf.features(reference_images))
     return frechet_distance(mu1, s1, mu2, s2)
+
+
+def evaluate_domain(
+    samples: str,
+    dataset: str,
+    labels: np.ndarray | None = None,
+    *,
+    per_class: int | None = None,
+    ref_split: str = "test",
+    epochs: int = 2,
+    train_images: int | None = None,
+) -> dict:
+    """Class accuracy and domain FID of the samples (an .npz or a folder) against ``dataset``'s ``ref_split``
+    (``st-ar eval domain``). The class of each sample: ``labels``, else ``per_class`` (samples written that
+    many at a time in class order), else the 'labels' stored in the .npz. The classifier trains on a random
+    ``train_images`` of the train split for ``epochs`` (cached per setting)."""
+    from .samples import as_array, load_samples, per_class_labels, stored_labels
+
+    images = as_array(load_samples(samples))
+    if labels is None:
+        labels = per_class_labels(len(images), per_class) if per_class is not None else stored_labels(samples)
+    clf = DomainClassifier.load_or_train(dataset, epochs=epochs, max_images=train_images)
+    real, real_labels, _ = dataset_arrays(dataset, ref_split)
+    return {
+        "samples": samples,
+        "num_samples": len(images),
+        "dataset": dataset,
+        "class_accuracy": clf.class_accuracy(images, labels),
+        "real_class_accuracy": clf.class_accuracy(real, real_labels),
+        "domain_fid": domain_fid(clf, images, real),
+    }

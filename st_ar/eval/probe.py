@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.codes import read_codes_meta
+from ..data.codes import map_codes, read_codes_labels, read_codes_meta
 from ..data.views import CodesDataset
 from ..models.gpt import GPT
 from ..progress import progress_bar
@@ -45,11 +45,9 @@ def first_view_codes(
     meta = read_codes_meta(folder)
     if not 0 <= view < meta["num_crops"]:
         raise ValueError(f"view {view} out of range: {folder} has {meta['num_crops']} crops per image")
-    labels = np.load(os.path.join(folder, "labels.npy"))
-    rows = np.flatnonzero(labels >= 0)[:limit]
-    codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")  # (N, K, T)
-    picked = codes[rows, view].astype(np.int64)  # (n, T), copied out of the map
-    return torch.from_numpy(picked), torch.from_numpy(labels[rows].astype(np.int64))
+    rows, labels = read_codes_labels(folder)
+    picked = map_codes(folder)[rows[:limit], view].astype(np.int64)  # (n, T), copied out of the (N, K, T) map
+    return torch.from_numpy(picked), torch.from_numpy(labels[:limit])
 
 
 @torch.no_grad()

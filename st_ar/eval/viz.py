@@ -95,6 +95,34 @@ def locality_summary(attn: Tensor, grid: tuple[int, int]) -> dict:
     }
 
 
+def mean_locality(
+    model: GPT,
+    codes: Tensor,
+    labels: Tensor,
+    block: int,
+    grid: tuple[int, int],
+    *,
+    null_class: bool = False,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> tuple[dict, int]:
+    """``locality_summary`` of block ``block`` over all of (N, T) ``codes``, in batches, each batch weighted by
+    its images; the class token is each image's label, or the null class. Returns (summary, images)."""
+    sums, count = None, 0
+    for i in range(0, len(codes), batch_size):
+        x, y = codes[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
+        cond = torch.full_like(y, model.config.null_class) if null_class else y
+        s = locality_summary(attention_maps(model, x, cond, block), grid)
+        b = x.shape[0]
+        if sums is None:
+            sums = {k: np.asarray(v, dtype=np.float64) * b for k, v in s.items() if k not in ("num_images",)}
+        else:
+            for k in sums:
+                sums[k] += np.asarray(s[k], dtype=np.float64) * b
+        count += b
+    return {k: (v / count).tolist() for k, v in sums.items() if k != "num_queries"}, count
+
+
 def query_heatmap(row: Tensor, q: int, grid: tuple[int, int]) -> tuple[np.ndarray, float]:
     """One query's attention (``row``: (keys,)) as an (h, w) map over image cells, and the class weight.
 
@@ -203,6 +231,25 @@ def token_agreement(a: np.ndarray, b: np.ndarray, max_shift: int = 0) -> tuple[f
         if frac > best:
             best, best_shift = frac, (dy, dx)
     return best, best_shift
+
+
+def mean_token_agreement(
+    codes_a: Tensor | np.ndarray, codes_b: Tensor | np.ndarray, grid: tuple[int, int], max_shift: int, mirror: bool
+) -> dict[str, float | None]:
+    """``token_agreement`` of two views of each image, averaged: at the same grid position, at the best
+    shift up to ``max_shift``, and (``mirror``: one view is flipped) against the second view mirrored."""
+    same, shifted, mirrored = [], [], []
+    for a, b in zip(codes_a, codes_b):
+        a, b = np.asarray(a).reshape(grid), np.asarray(b).reshape(grid)
+        same.append(token_agreement(a, b)[0])
+        shifted.append(token_agreement(a, b, max_shift)[0])
+        if mirror:
+            mirrored.append(token_agreement(a, b[:, ::-1], max_shift)[0])
+    return {
+        "agreement_same_position": float(np.mean(same)),
+        "agreement_best_shift": float(np.mean(shifted)),
+        "agreement_mirrored_best_shift": float(np.mean(mirrored)) if mirrored else None,
+    }
 
 
 def feature_cosine(feats_a: dict[int, Tensor], feats_b: dict[int, Tensor]) -> dict[int, float]:

@@ -1,0 +1,289 @@
+"""The stages from a dataset to measured models, as functions:
+
+    train_tokenizer    a VQ tokenizer on the dataset (resumes from its checkpoint)
+    extract_split      the codes of one split (the train split's crops, the test split's centre crop)
+    gpt_run_config     the RunConfig of one GPT run on those codes, built from a preset
+    train_gpt          that run (resumes from its checkpoint)
+    sample_model       class-conditional samples of a trained GPT: samples.npz, codes.npy, grid.png
+    Evaluator          class accuracy, domain FID, Inception FID and the linear-probe curve of a model
+
+``st-ar demo`` (st_ar/demo.py) runs them once each with its stage bookkeeping and report;
+benchmarks/reproduce.py runs them for every run of the ablation. Every setting is an argument: the two
+callers differ only in the values they pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig, preset
+from .data.codes import read_codes_meta
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer and codes
+# --------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(
+    out: str,
+    *,
+    dataset: str,
+    image_size: int,
+    vq_preset: str,
+    vq_args: dict[str, Any],
+    steps: int,
+    eval_images: int,
+    seed: int,
+) -> dict:
+    """Train (or finish training) a tokenizer in ``out``; its PSNR, codebook usage and perplexity on the first
+    ``eval_images`` test images."""
+    from torch.utils.data import Subset
+
+    from .data.datasets import open_dataset
+    from .tokenizer.train import TokenizerTrainConfig, checkpoint_path
+    from .tokenizer.train import train as train_vq
+
+    config = TokenizerTrainConfig(
+        out=out,
+        dataset=dataset,
+        image_size=image_size,
+        preset=vq_preset,
+        vq_args=vq_args,
+        steps=steps,
+        eval_every=0,
+        save_every=100,
+        seed=seed,
+    )
+    test = open_dataset(dataset, "test")
+    held_out = Subset(test, range(min(eval_images, len(test))))
+    metrics = train_vq(config, resume=os.path.exists(checkpoint_path(out)), eval_set=held_out)
+    return {k: metrics[k] for k in ("psnr", "codebook_usage", "perplexity", "images") if k in metrics}
+
+
+def extract_split(
+    tokenizer: str,
+    out: str,
+    split: str,
+    *,
+    dataset: str,
+    image_size: int,
+    limit: int,
+    crops: str,
+    crop_range: float,
+) -> dict:
+    """The codes of the first ``limit`` images of ``split`` in ``out``: ``crops`` of each training image; the
+    centre crop alone of any other split (it only feeds the probe, which takes one view)."""
+    from .data.codes import extract_codes
+    from .data.datasets import open_dataset
+
+    report = extract_codes(
+        open_dataset(dataset, split),
+        tokenizer,
+        out,
+        image_size=image_size,
+        crop_ranges=(crop_range,),
+        crops=crops if split == "train" else "center",
+        batch_size=256,
+        limit=limit,
+        chunk_size=2000,
+    )
+    meta = read_codes_meta(out)
+    return {"images": meta["count"], "crops": meta["num_crops"], "seconds": round(report.seconds, 1)}
+
+
+def codes_finished(folder: str) -> bool:
+    """Whether ``folder`` holds a complete extraction (absent or stopped part way: no)."""
+    try:
+        read_codes_meta(folder)
+        return True
+    except (ValueError, FileNotFoundError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def codes_model_args(meta: dict) -> dict:
+    """The GPT fields an extraction fixes: vocabulary, tokens per image, classes."""
+    return dict(vocab_size=meta["vocab_size"], block_size=meta["seq_len"], num_classes=meta["num_classes"])
+
+
+def gpt_run_config(
+    preset_name: str,
+    codes: str,
+    out: str,
+    *,
+    model: str,
+    model_args: dict[str, Any],
+    batch_size: int,
+    lr: float,
+    steps: int,
+    log_every: int,
+    precision: str,
+    seed: int,
+    objective: dict[str, Any] | None = None,
+    teacher: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Preset ``preset_name`` trained on ``codes`` into ``out``: GPT ``model`` with the preset's model
+    arguments, then ``model_args``, then what the codes fix (vocabulary, tokens, classes); ``batch_size``
+    images per step at an unscaled ``lr``; a checkpoint every quarter of the run. ``objective`` and
+    ``teacher``: ObjectiveConfig and TeacherConfig fields changed from the preset's."""
+    base = preset(preset_name)
+    args = {**base.model.args, **model_args, **codes_model_args(read_codes_meta(codes))}
+    return dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, name=model, args=args),
+        data=dataclasses.replace(base.data, codes=codes),
+        objective=dataclasses.replace(base.objective, **(objective or {})),
+        teacher=dataclasses.replace(base.teacher, **(teacher or {})),
+        optim=dataclasses.replace(base.optim, batch_size=batch_size, lr=lr, scale_lr=False),
+        train=dataclasses.replace(
+            base.train,
+            steps=steps,
+            save_every=max(1, steps // 4),
+            log_every=log_every,
+            precision=precision,
+            seed=seed,
+            out_dir=out,
+        ),
+    )
+
+
+def train_gpt(cfg: RunConfig) -> tuple[dict, float]:
+    """Train (or finish) the run; its summary (st_ar.train.loop.train) and the seconds this call took.
+    Ctrl-C during training raises KeyboardInterrupt here, after the checkpoint is saved."""
+    from .train.loop import train
+
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    if not summary["finished"]:
+        raise KeyboardInterrupt  # stopped by Ctrl-C: the checkpoint is saved, the next run resumes
+    return summary, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_model(
+    model_path: str,
+    tokenizer: str,
+    out: str,
+    *,
+    per_class: int,
+    batch_size: int,
+    cfg_scale: float,
+    temperature: float,
+    seed: int,
+    desc: str = "sampling",
+) -> dict:
+    """``per_class`` samples of every class of one model, in class order, into out/samples.npz, out/codes.npy
+    and out/grid.png (row c of the grid: the first 10 samples of class c). One process, one generator
+    seeded with ``seed`` (``seeding="stream"``): every model sampled with the same settings gets the same
+    random numbers."""
+    from .models.gpt import GPT
+    from .models.vq import VQModel
+    from .sampling.to_file import SampleSettings, class_grid, sample_to_files
+
+    vq = VQModel.from_checkpoint(tokenizer).eval()
+    model = GPT.from_checkpoint(model_path).eval()
+    classes = model.config.num_classes
+    settings = SampleSettings(
+        cfg_scale=cfg_scale, temperature=temperature, batch_size=batch_size, seed=seed, seeding="stream"
+    )
+    labels = [c for c in range(classes) for _ in range(per_class)]
+    report = sample_to_files(model, vq, labels, out, settings, grid=class_grid(classes, per_class), desc=desc)
+    return {"samples": report.samples, "tokens_per_s": report.samples * model.config.block_size / report.seconds}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def center_view_codes(folder: str, limit: int | None):
+    """(N, T) codes of the centre crop of the first ``limit`` images of an extraction, and their labels."""
+    from .eval.probe import first_view_codes
+
+    names = read_codes_meta(folder)["crop_names"]
+    return first_view_codes(folder, limit, view=names.index("center"))
+
+
+class Evaluator:
+    """What every model is measured against, prepared once: the domain classifier, real test images and
+    their Inception features, and the probe's codes (centre crops of train and test images).
+
+    ``test_images`` real test images (a random subset, from ``seed``) are the reference of the domain FID;
+    the first ``fid_samples`` of them that of the Inception FID. The probe trains on the first
+    ``probe_train_images`` of ``train_codes`` for ``probe_epochs`` and is tested on all of ``test_codes``.
+    """
+
+    def __init__(
+        self,
+        train_codes: str,
+        test_codes: str,
+        *,
+        dataset: str,
+        test_images: int,
+        classifier_images: int,
+        classifier_epochs: int,
+        fid_samples: int,
+        probe_train_images: int,
+        probe_epochs: int,
+        seed: int,
+    ):
+        from .eval.domain import DomainClassifier, dataset_arrays
+        from .eval.inception import InceptionFeatures, compute_features
+        from .eval.metrics import feature_stats
+
+        self.seed, self.probe_epochs = seed, probe_epochs
+        self.classifier = DomainClassifier.load_or_train(
+            dataset, epochs=classifier_epochs, max_images=classifier_images, seed=seed
+        )
+        self.real, real_labels, _ = dataset_arrays(dataset, "test", max_images=test_images, seed=seed)
+        self.inception = InceptionFeatures()
+        self.n_fid = min(fid_samples, len(self.real))
+        ref = compute_features(self.inception, self.real[: self.n_fid], batch_size=50, desc="Inception, real images")
+        self.ref_stats = feature_stats(ref["pool"])
+        self.probe_train = center_view_codes(train_codes, probe_train_images)
+        self.probe_test = center_view_codes(test_codes, None)
+        self.summary = {
+            "classifier_test_accuracy": self.classifier.class_accuracy(self.real, real_labels),
+            "fid_reference_images": self.n_fid,
+            "real_test_images": len(self.real),
+        }
+
+    def __call__(self, model_path: str, samples_npz: str) -> dict:
+        """Class accuracy and domain FID (small CNN), Inception FID, and the linear-probe curve of one model."""
+        from .eval.domain import domain_fid
+        from .eval.inception import compute_features
+        from .eval.metrics import feature_stats, frechet_distance
+        from .eval.probe import probe_curve
+        from .models.gpt import GPT
+
+        with np.load(samples_npz) as z:
+            images, labels = z["arr_0"], z["labels"]
+        # samples come in class order: a random subset keeps every class in the FID sample
+        pick = np.random.default_rng(self.seed).permutation(len(images))[: self.n_fid]
+        feats = compute_features(self.inception, images[pick], batch_size=50, desc="Inception, samples")["pool"]
+        model = GPT.from_checkpoint(model_path).eval()
+        layer = model.config.n_layer // 2
+        curve = probe_curve(
+            model, self.probe_train, self.probe_test, layer=layer, epochs=self.probe_epochs, seed=self.seed
+        ).accuracy
+        return {
+            "class_accuracy": self.classifier.class_accuracy(images, labels),
+            "domain_fid": domain_fid(self.classifier, images, self.real),
+            "fid": frechet_distance(*feature_stats(feats), *self.ref_stats),
+            "fid_samples": len(pick),
+            "probe_layer": layer,
+            "probe": {str(s): a for s, a in curve.items()},
+        }
