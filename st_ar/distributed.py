@@ -35,6 +35,20 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device a setting names: "auto" is this process's GPU when CUDA is available, else the CPU.
+
+    Under torchrun "auto" and a bare "cuda" both mean the rank's own GPU (cuda:LOCAL_RANK), which
+    would otherwise put every rank on GPU 0.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(name)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes, or run alone; pick this rank's device.
 
@@ -43,9 +57,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():

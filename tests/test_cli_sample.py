@@ -42,7 +42,16 @@ def vq_ckpt(tmp_path):
     return str(path), vq.eval()
 
 
-@pytest.mark.parametrize("kind,flags", [("greedy", []), ("cfg", ["--cfg-scale", "2.5"])])
+@pytest.mark.parametrize(
+    "kind,flags",
+    [
+        ("greedy", []),
+        ("cfg", ["--cfg-scale", "2.5"]),
+        # one batch of 3 (6 rows with guidance): one compiled graph serves every position
+        ("cfg", ["--cfg-scale", "2.5", "--compile", "--batch-size", "3"]),
+    ],
+    ids=["greedy", "cfg", "cfg-compiled"],
+)
 def test_greedy_codes_equal_golden(gpt_golden, gpt_ckpt, tmp_path, kind, flags):
     out = tmp_path / "out"
     assert (
@@ -56,9 +65,9 @@ def test_greedy_codes_equal_golden(gpt_golden, gpt_ckpt, tmp_path, kind, flags):
                 "1,2,3",
                 "--top-k",
                 "1",
-                *flags,
                 "--batch-size",
                 "2",
+                *flags,  # a later --batch-size wins
                 "--out",
                 str(out),
             ]
@@ -310,3 +319,35 @@ def test_torchrun_on_two_processes_writes_the_samples_of_one(gpt_ckpt, vq_ckpt, 
         np.testing.assert_array_equal(b["labels"], classes)
     assert not (two / "parts").exists() and not (one / "parts").exists()
     assert (two / "grid.png").exists()
+
+
+def test_one_device_rule_for_every_command(monkeypatch):
+    from st_ar.distributed import resolve_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun a bare cuda is the rank's own GPU, not GPU 0
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_shared_flags_are_the_same_in_every_command():
+    """--device, --precision, --trust-checkpoint and --ckpt/--model/--model-args come from one definition."""
+    parser = build_parser()
+    commands = {
+        "sample": ["sample", "--ckpt", "g.pt", "--classes", "1", "--out", "o"],
+        "viz": ["viz", "attention", "--ckpt", "g.pt", "--codes", "c", "--out", "o"],
+        "probe": ["eval", "probe", "--ckpt", "g.pt", "--train-codes", "a", "--test-codes", "b", "--out", "o"],
+    }
+    for name, argv in commands.items():
+        args = parser.parse_args([*argv, "--device", "cpu", "--precision", "bf16", "--trust-checkpoint", *TINY])
+        assert (args.device, args.precision, args.trust_checkpoint, args.model) == ("cpu", "bf16", True, "GPT-debug")
+        assert args.model_args == {"vocab_size": 64, "block_size": 16, "num_classes": 10}, name
+    for argv in (
+        ["extract", "--dataset", "mnist", "--vq-ckpt", "v", "--image-size", "8", "--out", "o"],
+        ["eval", "fid", "--samples", "s.npz", "--ref", "r"],
+    ):
+        assert parser.parse_args([*argv, "--device", "cpu"]).device == "cpu"

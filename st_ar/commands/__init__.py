@@ -33,10 +33,54 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (this process's GPU when CUDA is available, else the CPU), cpu, cuda, cuda:1, ...; "
+        "under torchrun a bare cuda means each rank's own GPU",
+    )
+
+
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="weights and activations; auto = bf16 on GPU, fp32 on CPU",
+    )
+
+
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow arbitrary pickled objects in checkpoint files (only for files you trust)",
+    )
+
+
+def add_gpt_arguments(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """--ckpt (repeatable with ``several``), --model and --model-args: which GPT to load and how."""
+    if several:
+        p.add_argument("--ckpt", action="append", required=True, help="GPT checkpoint; repeat to compare models")
+    else:
+        p.add_argument("--ckpt", required=True, help="GPT checkpoint: ours, or LlamaGen's (then --model is needed)")
+    p.add_argument("--model", help="GPT preset (GPT-B, GPT-L, ...); needed for LlamaGen checkpoints only")
+    p.add_argument(
+        "--model-args",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="LlamaGen ModelArgs fields overriding the preset, e.g. '{\"block_size\": 576}'",
+    )
+
+
+def load_gpt(args: argparse.Namespace, ckpt: str, device: torch.device):
+    """The GPT of ``ckpt`` as --model, --model-args, --precision and --trust-checkpoint say, in eval mode."""
+    from ..models.gpt import GPT
+
+    model = GPT.from_checkpoint(ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
+    return model.to(device=device, dtype=resolve_dtype(args.precision, device)).eval()
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..distributed import cleanup_distributed, init_distributed, print0
 from ..runfolder import write_json_atomic
-from . import probe
+from . import add_device_argument, probe
 
 HELP = "evaluate samples: FID/KID/precision/recall, or a domain classifier's accuracy"
 
@@ -37,7 +37,7 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="use a random N of the samples (and of the references); the same N for the same file",
     )
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    add_device_argument(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the reference statistics")
     p.add_argument("--out", help="write the metrics as JSON here")
 

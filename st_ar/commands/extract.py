@@ -16,6 +16,7 @@ from ..data.codes import DEFAULT_CHUNK_SIZE, ExtractionStopped, extract_codes
 from ..data.datasets import open_dataset
 from ..data.transforms import CROP_SETS
 from ..distributed import cleanup_distributed, init_distributed, print0
+from . import add_device_argument, add_trust_argument
 
 HELP = "tokenize every crop of a dataset into a memory-mapped codes array"
 # Testing hook: stop (as if killed) after this many chunks of this process are written.
@@ -59,12 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="fail",
         help="an unreadable image: stop with its path (fail), or leave it out, listed in meta.json (skip)",
     )
-    p.add_argument("--device", default="auto", help="auto (this rank's GPU when available), cpu, cuda")
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow arbitrary pickled objects in the checkpoint file (only for files you trust)",
-    )
+    add_device_argument(p)
+    add_trust_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder")
 

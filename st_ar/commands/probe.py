@@ -14,19 +14,17 @@ import time
 
 import torch
 
+from ..distributed import resolve_device
 from ..eval.probe import plot_probe, probe_curve
-from ..models.gpt import GPT
 from ..runfolder import write_json_atomic
-from . import int_list, json_object, resolve_device, resolve_dtype
+from . import add_device_argument, add_gpt_arguments, add_precision_argument, add_trust_argument, int_list, load_gpt
 
 HELP = "linear probe of per-step features (understanding)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", action="append", required=True, help="GPT checkpoint; repeat to compare models")
+    add_gpt_arguments(p, several=True)  # --model and --model-args apply to every --ckpt
     p.add_argument("--label", action="append", help="name of each --ckpt in the plot (default: file name)")
-    p.add_argument("--model", help="GPT preset (GPT-B, ...); needed for LlamaGen checkpoints, applies to all")
-    p.add_argument("--model-args", type=json_object, default=None, metavar="JSON", help="LlamaGen ModelArgs fields")
     p.add_argument("--train-codes", required=True, help="extraction folder the probe is trained on")
     p.add_argument("--test-codes", required=True, help="extraction folder the probe is evaluated on")
     p.add_argument("--layer", type=int, help="block whose output is probed (1-based); default depth / 2")
@@ -38,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-test", type=int, help="use only the first N test images")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the feature extraction")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in checkpoint files")
+    add_device_argument(p)
+    add_precision_argument(p)
+    add_trust_argument(p)
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -52,15 +50,13 @@ def run(args: argparse.Namespace) -> None:
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels must differ (pass --label per --ckpt): {labels}")
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.precision, device)
     os.makedirs(args.out, exist_ok=True)
 
     report = {"train_codes": args.train_codes, "test_codes": args.test_codes, "epochs": args.epochs, "models": {}}
     curves = {}
     for label, ckpt in zip(labels, args.ckpt):
         start = time.perf_counter()
-        model = GPT.from_checkpoint(ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
-        model = model.to(device=device, dtype=dtype).eval()
+        model = load_gpt(args, ckpt, device)
         layer = args.layer if args.layer is not None else model.config.n_layer // 2
         curve = probe_curve(
             model,

@@ -12,28 +12,18 @@ files are st_ar/sampling/to_file.py's; this module reads the arguments and loads
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..distributed import DistInfo, cleanup_distributed, init_distributed
-from ..models.gpt import GPT
 from ..models.vq import VQModel
 from ..runfolder import prepare_output_dir
 from ..sampling.to_file import SampleSettings, check_request, first_samples_grid, sample_to_files
-from . import int_list, json_object, resolve_dtype
+from . import add_device_argument, add_gpt_arguments, add_precision_argument, add_trust_argument, int_list, load_gpt
 
 HELP = "sample images from a GPT checkpoint"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="GPT checkpoint: ours, or LlamaGen's (then --model is needed)")
-    p.add_argument("--model", help="GPT preset (GPT-B, GPT-L, ...); optional for our checkpoints")
-    p.add_argument(
-        "--model-args",
-        type=json_object,
-        default=None,
-        metavar="JSON",
-        help="LlamaGen ModelArgs fields overriding the preset, e.g. '{\"block_size\": 576}'",
-    )
+    add_gpt_arguments(p)
     p.add_argument("--vq-ckpt", help="VQ tokenizer checkpoint; without it only codes.npy is written")
     p.add_argument("--vq-model", help="VQ preset (VQ-16, VQ-8, ...); optional for our tokenizer checkpoints")
     which = p.add_mutually_exclusive_group(required=True)
@@ -69,37 +59,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and the extra samples dropped",
     )
     p.add_argument(
-        "--device",
-        default="auto",
-        help="auto (cuda when available; under torchrun each rank's own GPU), cpu, cuda, cuda:1, ...",
-    )
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="weights and activations; auto = bf16 on GPU, fp32 on CPU",
-    )
-    p.add_argument(
-        "--trust-checkpoint",
+        "--compile",
         action="store_true",
-        help="allow arbitrary pickled objects in checkpoint files (only for files you trust)",
+        help="compile the decode step once for every position (CUDA graphs on GPU); pays a compile first",
     )
+    add_device_argument(p)
+    add_precision_argument(p)
+    add_trust_argument(p)
     p.add_argument("--out", required=True, help="output folder")
 
 
 def run(args: argparse.Namespace) -> None:
-    info = init_distributed(rank_device(args.device))
+    info = init_distributed(args.device)
     try:
         sample(args, info)
     finally:
         cleanup_distributed()
-
-
-def rank_device(name: str) -> str:
-    # under torchrun a bare "cuda" would put every rank on GPU 0
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return name
 
 
 def sample_settings(args: argparse.Namespace) -> SampleSettings:
@@ -112,6 +87,7 @@ def sample_settings(args: argparse.Namespace) -> SampleSettings:
         top_p=args.top_p,
         batch_size=args.batch_size,
         seed=args.seed,
+        compile=args.compile,
     )
 
 
@@ -124,9 +100,7 @@ def sample(args: argparse.Namespace, info: DistInfo) -> None:
     settings = sample_settings(args)
     prepare_output_dir(args.out, "--out")
     device = info.device
-    dtype = resolve_dtype(args.precision, device)
-    model = GPT.from_checkpoint(args.ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = load_gpt(args, args.ckpt, device)
     cfg = model.config
     classes = (
         args.classes if args.classes is not None else [c for c in range(cfg.num_classes) for _ in range(args.per_class)]

@@ -26,6 +26,7 @@ import time
 from torch.utils.data import Subset
 
 from ..data.datasets import open_dataset
+from ..distributed import resolve_device
 from ..models.vq import VQ_PRESETS, VQModel
 from ..settings import apply_settings
 from ..tokenizer.train import (
@@ -35,7 +36,7 @@ from ..tokenizer.train import (
     stored_config,
     train,
 )
-from . import resolve_device
+from . import add_device_argument, add_trust_argument
 
 HELP = "train or evaluate a VQ image tokenizer"
 
@@ -85,8 +86,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=32, help="as in training (default: 32)")
     p.add_argument("--limit", type=int, default=0, help="first N images only; 0 = all")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary pickled objects")
+    add_device_argument(p)
+    add_trust_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write the metrics here")
 
 

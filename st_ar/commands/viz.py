@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..data.codes import read_codes_meta
+from ..distributed import resolve_device
 from ..eval.probe import default_steps, extract_step_features, first_view_codes
 from ..eval.viz import (
     attention_maps,
@@ -28,23 +29,21 @@ from ..images import to_uint8
 from ..models.gpt import GPT
 from ..models.vq import VQModel
 from ..runfolder import write_json_atomic
-from . import int_list, json_object, resolve_device, resolve_dtype
+from . import add_device_argument, add_gpt_arguments, add_precision_argument, add_trust_argument, int_list, load_gpt
 
 HELP = "analysis figures: attention maps, token agreement of two views"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="GPT checkpoint: ours, or LlamaGen's (then --model is needed)")
-    p.add_argument("--model", help="GPT preset; needed for LlamaGen checkpoints")
-    p.add_argument("--model-args", type=json_object, default=None, metavar="JSON", help="LlamaGen ModelArgs fields")
+    add_gpt_arguments(p)
     p.add_argument("--codes", required=True, help="extraction folder")
     p.add_argument("--index", type=int, default=0, help="image drawn in the PNG")
     p.add_argument("--num-images", type=int, default=16, help="images averaged in the JSON summary")
     p.add_argument("--steps", type=int_list, help="comma-separated steps")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in checkpoint files")
+    add_device_argument(p)
+    add_precision_argument(p)
+    add_trust_argument(p)
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -68,8 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[GPT, torch.device]:
     device = resolve_device(args.device)
-    model = GPT.from_checkpoint(args.ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
-    return model.to(device=device, dtype=resolve_dtype(args.precision, device)).eval(), device
+    return load_gpt(args, args.ckpt, device), device
 
 
 def _check_index(args: argparse.Namespace, n: int) -> None:

@@ -58,6 +58,7 @@ class SampleSettings:
     batch_size: int = 32
     seed: int = 0
     seeding: str = "per-batch"  # or "stream"; see the module docstring
+    compile: bool = False  # generate()'s compiled static decode step: same tokens, one graph for every position
 
     def __post_init__(self):
         check_sampling_settings(**self.generate_kwargs())
@@ -195,6 +196,7 @@ def sample_own_batches(
                 torch.tensor(batch, dtype=torch.long, device=info.device),
                 batch_size=size,
                 generator=generator,
+                compile=settings.compile,
                 **settings.generate_kwargs(),
             )
             indices.append(np.arange(j * size, j * size + len(batch), dtype=np.int64))
