@@ -48,11 +48,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from st_ar.config import BASELINE, apply_overrides, preset
-from st_ar.distributed import DistInfo
-from st_ar.objectives.total import ObjectiveConfig
-from st_ar.train.flops import step_flops
-from st_ar.train.loop import build_state, train_step
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # this checkout's st_ar, not another one installed in the environment
+    sys.path.insert(0, REPO)
+
+from st_ar.config import BASELINE, apply_overrides, preset  # noqa: E402
+from st_ar.distributed import DistInfo  # noqa: E402
+from st_ar.objectives.total import ObjectiveConfig  # noqa: E402
+from st_ar.train.flops import step_flops  # noqa: E402
+from st_ar.train.loop import build_state, train_step  # noqa: E402
 
 # name -> ObjectiveConfig fields; every on/off combination of the three losses that ObjectiveConfig accepts
 VARIANTS = {
