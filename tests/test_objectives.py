@@ -394,3 +394,15 @@ def test_variant_settings_are_validated():
     cfg = ObjectiveConfig(ssl_until=0.25)
     assert cfg.ssl_steps(10) == 2 and cfg.ssl_on(1, 10) and not cfg.ssl_on(2, 10)
     assert ObjectiveConfig().ssl_on(10**6, 10) and not ObjectiveConfig(mim=False, step=False, view=False).ssl_on(0, 10)
+
+
+def test_ar_on_unmasked_always_leaves_an_unmasked_sequence():
+    cfg = ObjectiveConfig(masked_share=0.75, ar_loss_on="unmasked")
+    assert [cfg.masked_sequences(n) for n in (2, 4, 8)] == [1, 3, 6]  # round(1.5) = 2 of 2 would leave none
+    assert ObjectiveConfig(masked_share=0.75).masked_sequences(2) == 2 and ObjectiveConfig().masked_sequences(5) == 5
+    with pytest.raises(ValueError, match="at least 2 student sequences"):
+        cfg.masked_sequences(1)
+    student, teacher = tiny_gpt(0), build_teacher(tiny_gpt(1))
+    tokens, labels = make_batch(B=1, M=2)
+    _, (_, losses) = run_objective(cfg, student, teacher, tokens, labels)
+    assert all(torch.isfinite(v) for v in losses.values())

@@ -70,6 +70,18 @@ class ObjectiveConfig:
         """Sequences per image the student runs: the first ``student_views`` views (all by default)."""
         return self.num_views if self.student_views is None else self.student_views
 
+    def masked_sequences(self, n: int) -> int:
+        """How many of a micro-batch's ``n`` student sequences get the key mask: all, or
+        round(masked_share * n), at least one, and (ar_loss_on=unmasked) at least one left unmasked."""
+        if self.masked_share >= 1.0:
+            return n
+        k = max(1, round(self.masked_share * n))
+        if self.ar_loss_on == "unmasked":
+            if n < 2:
+                raise ValueError("objective.ar_loss_on=unmasked needs at least 2 student sequences per micro-batch")
+            k = min(k, n - 1)
+        return k
+
     def ssl_steps(self, total_steps: int) -> int:
         """The steps of a run of ``total_steps`` that train with the self-supervised losses (the first ones)."""
         return total_steps if self.ssl_until >= 1.0 else round(self.ssl_until * total_steps)

@@ -4,6 +4,11 @@
 when MIM is on), the EMA teacher when any self-supervised loss is on, and returns the total loss
 with a dict of named scalars. The LlamaGen baseline (one view, every extra loss off) runs the
 student alone: no teacher forward, no mask, no projector.
+
+The variants the paper leaves open (docs/training.md), each off by default: the student on the first
+``student_views`` views only, the key mask on a ``masked_share`` of the sequences (L_AR on all of
+them or on the unmasked ones, ``ar_loss_on``), and ``ssl=False`` past ``ssl_until``. The teacher
+forwards what the losses compare, which train/flops.py counts.
 """
 
 from __future__ import annotations
@@ -133,12 +138,12 @@ class STARObjective(nn.Module):
 
     def _hidden_keys(self, n: int, T: int, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor | None]:
         """(n, T) hidden-key flags and the rows that are masked (None: all). Every sequence is masked,
-        or (objective.masked_share < 1) a random round(share * n) of them, at least one, in row order;
-        the others hide nothing."""
+        or (objective.masked_share < 1) a random ``masked_sequences(n)`` of them, in row order; the
+        others hide nothing."""
         cfg = self.config
         if cfg.masked_share >= 1.0:
             return sample_hidden_keys(n, T, cfg.mask_ratio, generator=generator, device=device), None
-        k = max(1, round(cfg.masked_share * n))
+        k = cfg.masked_sequences(n)
         rows = torch.randperm(n, generator=generator, device=generator.device if generator else device)[:k]
         rows = rows.sort().values.to(device)
         hidden = torch.zeros(n, T, dtype=torch.bool, device=device)

@@ -69,9 +69,9 @@ def teacher_sequences(objective: ObjectiveConfig, images: int) -> int:
     student_seqs = images * objective.views_of_student
     if objective.view:
         return images * objective.num_views
-    if objective.step or not objective.mim or objective.masked_share >= 1.0:
+    if objective.step or not objective.mim:
         return student_seqs
-    return max(1, round(objective.masked_share * student_seqs))  # L_MIM alone: the masked sequences
+    return objective.masked_sequences(student_seqs)  # L_MIM alone: the masked sequences
 
 
 def run_step_flops(cfg, config: GPTConfig, world_size: int = 1, *, ssl: bool = True) -> float:
