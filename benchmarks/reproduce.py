@@ -186,6 +186,8 @@ def execute(run: Run, work: str) -> dict:
         "gpt": {"model": MODEL, **GPT_PRESETS[MODEL]},
         "lr": LR,
         "train_seconds": round(seconds, 1),
+        # the run's own count, across resumes: analytic FLOPs and the seconds of its training steps alone
+        "compute": {"flops": summary["flops"], "train_seconds": round(summary["train_seconds"], 1)},
         "s_per_step": float(np.median([seqs_per_step / s for s in speeds])) if speeds else seconds / steps,
         "final_losses": {k: v for k, v in summary["metrics"].items() if k.startswith("loss/")},
         "sampling": {**sampled, "cfg_scale": SAMPLING["cfg_scale"], "temperature": SAMPLING["temperature"]},

@@ -12,16 +12,22 @@ the cost of an epoch is the cost per image: about twice the per-sequence ratio. 
     python benchmarks/train_step.py                          # GPT-S and GPT-B, fp32 and bf16, baseline vs ST-AR
     python benchmarks/train_step.py --models GPT-B --sequences 4 --precisions fp32
     python benchmarks/train_step.py --models GPT-B --variants all   # every objective variant, cost per image
+    python benchmarks/train_step.py --models GPT-B --variants open  # the variants the paper leaves open
     python benchmarks/train_step.py --set train.compile=true --json out.json
 
-Variants (``--variants``, comma-separated, or ``paper`` / ``all``): baseline; ar2 (AR alone on two views:
-what the second view costs); mim, step, view, mim+step, mim+view, step+view; star (all three). ``paper`` is
-the paper's ablation: baseline, mim, mim+step, mim+view, star.
+Variants (``--variants``, comma-separated, or ``paper`` / ``all`` / ``open``): baseline; ar2 (AR alone on two
+views: what the second view costs); mim, step, view, mim+step, mim+view, step+view; star (all three). ``paper``
+is the paper's ablation: baseline, mim, mim+step, mim+view, star. ``open`` is baseline, star and the variants
+the paper leaves open (docs/training.md): star-1view (objective.student_views=1: the student on one view, the
+teacher on both), star-share0.5 (objective.masked_share=0.5), star-after-ssl (a step past
+objective.ssl_until: plain next-token on both views, no teacher). data.same_orientation_views changes which
+crops are drawn, not the cost, so it has no row.
 
 The fp32 and bf16 matmul peaks of this device are measured at the start of the run (square matmuls), and
-model FLOPs utilisation is printed against the peak of each row's precision. FLOPs are analytic (see
-``step_flops``): 6 x matmul parameters x tokens for the student's forward and backward, 2 x for the
-teacher's forward (no output head), the attention score and value products, and the projector.
+model FLOPs utilisation is printed against the peak of each row's precision. FLOPs are analytic
+(st_ar/train/flops.py ``step_flops``, the count every training run logs): 6 x matmul parameters x tokens for
+the student's forward and backward, 2 x for the teacher's forward (no output head), the attention score and
+value products, and the projector.
 
 Peak memory is measured per case in a fresh subprocess (the peak resident set of a process that builds
 that case and runs two steps; on a GPU the peak allocated memory), so one case's allocations cannot hide
@@ -42,10 +48,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from st_ar.config import BASELINE, apply_overrides, preset
-from st_ar.distributed import DistInfo
-from st_ar.objectives.total import ObjectiveConfig
-from st_ar.train.loop import build_state, train_step
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # this checkout's st_ar, not another one installed in the environment
+    sys.path.insert(0, REPO)
+
+from st_ar.config import BASELINE, apply_overrides, preset  # noqa: E402
+from st_ar.distributed import DistInfo  # noqa: E402
+from st_ar.objectives.total import ObjectiveConfig  # noqa: E402
+from st_ar.train.flops import step_flops  # noqa: E402
+from st_ar.train.loop import build_state, train_step  # noqa: E402
 
 # name -> ObjectiveConfig fields; every on/off combination of the three losses that ObjectiveConfig accepts
 VARIANTS = {
@@ -59,10 +70,21 @@ VARIANTS = {
     "step+view": dict(mim=False, step=True, view=True),
     "star": dict(mim=True, step=True, view=True),
 }
+# the variants the paper leaves open (docs/training.md): ST-AR with one ObjectiveConfig field changed
+OPEN_VARIANTS = {
+    "star-1view": dict(student_views=1),  # student on view 1 only; the teacher still runs both views
+    "star-share0.5": dict(masked_share=0.5),  # half the sequences masked: costs what star costs
+    "star-after-ssl": dict(ssl_until=0.5),  # a step past objective.ssl_until: plain next-token on 2 views
+}
+VARIANTS.update({name: dict(VARIANTS["star"], **fields) for name, fields in OPEN_VARIANTS.items()})
 VARIANT_SETS = {
     "paper": ["baseline", "mim", "mim+step", "mim+view", "star"],
-    "all": list(VARIANTS),
+    "all": [name for name in VARIANTS if name not in OPEN_VARIANTS],  # every loss combination
+    "open": ["baseline", "star", *OPEN_VARIANTS],
 }
+# the step a variant is timed at, of a run of STEPS_OF_RUN steps: past the switch for ssl_until=0.5
+STEPS_OF_RUN = 2
+TIMED_AT = {"star-after-ssl": 1}
 PRECISION_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -71,7 +93,7 @@ def parse_variants(spec: str) -> list[str]:
     for item in spec.split(","):
         for name in VARIANT_SETS.get(item, [item]):
             if name not in VARIANTS:
-                raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, paper, all")
+                raise SystemExit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}, {', '.join(VARIANT_SETS)}")
             if name not in names:
                 names.append(name)
     return names
@@ -106,33 +128,6 @@ def rate(flops_per_s: float) -> str:
     return f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.1f} GFLOP/s"
 
 
-def matmul_params(gpt) -> tuple[int, int]:
-    """(weights of the transformer blocks' matmuls, weights of the output head)."""
-    blocks = sum(p.numel() for p in gpt.layers.parameters() if p.dim() >= 2)
-    return blocks, gpt.output.weight.numel()
-
-
-def step_flops(gpt, objective: ObjectiveConfig, images: int, projector_params: int = 0) -> float:
-    """Model FLOPs of one training step on ``images`` images of ``objective.num_views`` views.
-
-    Per sequence of S = block_size positions (class token + T - 1 image tokens), a forward is
-    2 x matmul weights x S plus 4 x n_layer x S^2 x dim for the attention scores and their product
-    with the values (the whole S x S square: neither the causal nor the key mask is discounted,
-    as in PaLM's MFU). Backward is twice the forward. The teacher runs one forward of its blocks
-    (it computes no logits); the projector runs forward and backward on K positions per sequence.
-    Embedding lookups, norms, the losses and AdamW are left out. Same count for every precision.
-    """
-    c = gpt.config
-    S = c.block_size
-    seqs = images * objective.num_views
-    blocks, head = matmul_params(gpt)
-    attention = 4 * c.n_layer * S * S * c.dim  # per sequence, forward
-    student = 3 * (2 * (blocks + head) * S + attention) * seqs
-    teacher = (2 * blocks * S + attention) * seqs if objective.needs_teacher else 0
-    projector = 6 * projector_params * objective.num_steps * seqs if objective.contrastive else 0
-    return float(student + teacher + projector)
-
-
 # ----------------------------------------------------------------------------- one case
 
 
@@ -144,8 +139,10 @@ def make_state(
     device: torch.device,
     block_size: int,
     overrides: list[str] = (),
+    objective: dict | None = None,
 ):
-    fields = VARIANTS[variant]
+    """The state and batch of one case; ``objective``: ObjectiveConfig fields changed from the variant's."""
+    fields = {**VARIANTS[variant], **(objective or {})}
     views = fields.get("num_views", 2)
     if sequences % views:
         raise SystemExit(f"--sequences {sequences} is not a multiple of {views} views ({variant})")
@@ -157,6 +154,7 @@ def make_state(
             f'model.args={{"block_size": {block_size}}}',
             f"train.precision={precision}",
             f"optim.batch_size={sequences // views}",
+            f"train.steps={STEPS_OF_RUN}",
             *overrides,
         ],
     )
@@ -178,10 +176,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(state, batch, device) -> float:
+def time_step(state, batch, device, step: int = 0) -> float:
     sync(device)
     start = time.perf_counter()
-    train_step(state, [batch], 0)
+    train_step(state, [batch], step)
     sync(device)
     return time.perf_counter() - start
 
@@ -199,7 +197,7 @@ def _memory_of(spec: str) -> None:
     dev = torch.device(device)
     state, batch = make_state(model, variant, sequences, precision, dev, block_size, overrides)
     for step in range(2):  # the second step has optimizer state and warm allocator caches
-        train_step(state, [batch], step)
+        train_step(state, [batch], TIMED_AT.get(variant, step))
     if dev.type == "cuda":
         print(torch.cuda.max_memory_allocated() / 2**20)
     else:
@@ -231,11 +229,11 @@ def bench(
     def describe(name, state):
         obj = state.cfg.objective
         images = sequences // obj.num_views
-        proj = sum(p.numel() for p in state.bundle.objective.parameters())
+        ssl = obj.ssl_on(TIMED_AT.get(name, 0), state.cfg.train.steps)
         info[name] = dict(
             views=obj.num_views,
             images=images,
-            flops=step_flops(state.student, obj, images, proj),
+            flops=step_flops(state.student.config, obj, images, ssl=ssl),
             params=sum(p.numel() for p in state.student.parameters()),
         )
 
@@ -246,14 +244,14 @@ def bench(
             describe(name, state)
         for _ in range(repeats + 1):  # the first round warms up
             for name, (state, batch) in states.items():
-                times[name].append(time_step(state, batch, device))
+                times[name].append(time_step(state, batch, device, TIMED_AT.get(name, 0)))
         del states
     else:  # one at a time (nine GPT-B states would not fit a small machine), baseline again at the end
         order = variants + (["baseline"] if "baseline" in variants else [])
         for k, name in enumerate(order):
             state, batch = make_state(model, name, sequences, precision, device, block_size, overrides)
             describe(name, state)
-            run = [time_step(state, batch, device) for _ in range(repeats + 1)]
+            run = [time_step(state, batch, device, TIMED_AT.get(name, 0)) for _ in range(repeats + 1)]
             if k == len(variants):  # the second baseline measurement
                 drift = min(run[1:]) / min(times["baseline"][1:])
             times[name].extend(run if not times[name] else run[1:])

@@ -51,6 +51,7 @@ class ModelConfig:
 class DataConfig:
     codes: str = ""  # folder written by `st-ar extract` (codes.npy, labels.npy, meta.json)
     num_workers: int = 2
+    same_orientation_views: bool = False  # the views of an image both unmirrored or both mirrored (ten crops)
 
 
 @dataclass

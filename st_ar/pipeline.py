@@ -158,7 +158,10 @@ def gpt_run_config(
 
 def train_gpt(cfg: RunConfig) -> tuple[dict, float]:
     """Train (or finish) the run; its summary (st_ar.train.loop.train) and the seconds this call took.
-    Ctrl-C during training raises KeyboardInterrupt here, after the checkpoint is saved."""
+    The summary holds the run's whole training compute: ``flops`` (cumulative analytic FLOPs, all ranks,
+    train/flops.py) and ``train_seconds`` (the measured time of its training steps, evaluation, previews
+    and checkpoints excluded), both carried across resumes. Ctrl-C during training raises
+    KeyboardInterrupt here, after the checkpoint is saved."""
     from .train.loop import train
 
     t0 = time.perf_counter()

@@ -22,19 +22,67 @@ import gpu_check  # noqa: E402
 import smoke_imagenet  # noqa: E402
 import train_step as bench  # noqa: E402
 
+from st_ar.objectives.settings import ObjectiveConfig  # noqa: E402
 
-@pytest.mark.parametrize("variant", ["baseline", "mim", "step", "star"])
-def test_step_flops_match_torch_flop_counter(variant):
+
+@pytest.mark.parametrize(
+    "variant,objective,accum",
+    [
+        ("baseline", {}, 1),
+        ("mim", {}, 1),
+        ("step", {}, 1),
+        ("star", {}, 1),
+        ("star-1view", {}, 1),
+        ("star-share0.5", {}, 1),
+        ("star-after-ssl", {}, 1),
+        ("mim", {"masked_share": 0.5}, 1),  # L_MIM alone: the teacher runs the masked sequences only
+        ("mim+step", {"student_views": 1}, 1),  # no L_view: the teacher runs the student's view only
+        ("star", {}, 2),
+    ],
+)
+def test_step_flops_match_torch_flop_counter(variant, objective, accum):
     from torch.utils.flop_counter import FlopCounterMode
 
+    from st_ar.train.flops import matmul_params, run_step_flops, step_flops
     from st_ar.train.loop import train_step
 
-    state, batch = bench.make_state("GPT-debug", variant, 4, "fp32", torch.device("cpu"), 16)
-    projector = sum(p.numel() for p in state.bundle.objective.parameters())
-    analytic = bench.step_flops(state.student, state.cfg.objective, batch[0].shape[0], projector)
+    state, batch = bench.make_state(
+        "GPT-debug", variant, 8, "fp32", torch.device("cpu"), 16, [f"optim.grad_accum={accum}"], objective
+    )
+    cfg, gpt = state.cfg, state.student.config
+    step = bench.TIMED_AT.get(variant, 0)
+    ssl = cfg.objective.ssl_on(step, cfg.train.steps)
+    assert ssl == (cfg.objective.needs_teacher and variant != "star-after-ssl")
+    analytic = run_step_flops(cfg, gpt, ssl=ssl)
+    images = batch[0].shape[0]
+    assert analytic == accum * step_flops(gpt, cfg.objective, images // accum, ssl=ssl)
+    micro = [(batch[0][i::accum], batch[1][i::accum]) for i in range(accum)]
     with FlopCounterMode(display=False) as counter:
-        train_step(state, [batch], 0)
+        train_step(state, micro, step)
     assert analytic == pytest.approx(counter.get_total_flops(), rel=0.01)
+    blocks, head = matmul_params(gpt)
+    assert blocks == sum(p.numel() for p in state.student.layers.parameters() if p.dim() >= 2)
+    assert head == state.student.output.weight.numel()
+
+
+def test_open_variants_cost_what_they_say_per_image():
+    from st_ar.models.gpt import GPTConfig
+    from st_ar.train.flops import step_flops, teacher_sequences
+
+    gpt = GPTConfig.from_name("GPT-debug", block_size=16)
+    per_image = {
+        name: step_flops(gpt, ObjectiveConfig(**bench.VARIANTS[name]), 4, ssl=name != "star-after-ssl") / 4
+        for name in ("baseline", "ar2", "star", "star-1view", "star-share0.5", "star-after-ssl")
+    }
+    extra = per_image["star"] - 2 * per_image["baseline"]  # ST-AR's two teacher forwards and its projector
+    projector = step_flops(gpt, ObjectiveConfig(**bench.VARIANTS["star-1view"]), 4) / 4 - per_image["baseline"]
+    # student on one view: the baseline's step, two teacher forwards, the projector on one view
+    assert per_image["baseline"] < per_image["star-1view"] < per_image["baseline"] + extra
+    assert projector > 0 and per_image["star-share0.5"] == per_image["star"]  # the mask is not discounted
+    assert per_image["star-after-ssl"] == per_image["ar2"] == 2 * per_image["baseline"]
+    assert teacher_sequences(ObjectiveConfig(mim=True, step=False, view=False, masked_share=0.25), 4) == 2
+    assert teacher_sequences(ObjectiveConfig(student_views=1), 4) == 8
+    assert teacher_sequences(ObjectiveConfig(view=False, student_views=1), 4) == 4
 
 
 def test_variants_cover_every_loss_combination():

@@ -277,3 +277,132 @@ def test_config_validation():
     with pytest.raises(ValueError, match="contrastive_layer"):
         STARObjective(ObjectiveConfig(contrastive_layer=3), dim=128, n_layer=2)
     assert ObjectiveConfig().layer(12) == 6 and ObjectiveConfig().layer(24) == 12
+
+
+# ----------------------------------------------------------------------------- the variants the paper leaves open
+
+
+def run_objective(cfg, student, teacher, tokens, labels, seed=0):
+    """The objective (its projector seeded) and its (total, losses), its draws from ``seed``."""
+    torch.manual_seed(seed)  # the projector's initial weights
+    objective = STARObjective(cfg, dim=128, n_layer=2)
+    gen = torch.Generator().manual_seed(seed)
+    return objective, objective(student, teacher, tokens, labels, null_class=5, generator=gen)
+
+
+def test_student_on_one_view_against_a_reference():
+    student = Spy(tiny_gpt(0).eval())  # eval: no dropout, so the reference forwards match
+    teacher = Spy(build_teacher(tiny_gpt(1)))
+    cfg = ObjectiveConfig(student_views=1, projector_hidden=32, label_dropout=0.0, mask_ratio=0.25)
+    tokens, labels = make_batch(B=4, M=2, T=16)
+    objective, (total, losses) = run_objective(cfg, student, teacher, tokens, labels)
+    # the student ran view 0 of each image, the teacher both views
+    assert student.seen[0].shape == (4,) and torch.equal(student.seen[0], labels)
+    assert teacher.seen[0].shape == (8,) and torch.equal(teacher.seen[0], labels.repeat_interleave(2))
+    # the same draws as the objective: the mask of the 4 student sequences, then the K steps
+    gen = torch.Generator().manual_seed(0)
+    hidden = sample_hidden_keys(4, 16, 0.25, generator=gen)
+    pos = sample_steps(16, 4, generator=gen)
+    s = student.model(tokens[:, 0, :-1], labels, attn_mask=key_masked_causal_mask(hidden), return_hidden=(1, 2))
+    t = teacher.model(tokens.flatten(0, 1)[:, :-1], labels.repeat_interleave(2), return_hidden=(1, 2), logits=False)
+    t_last = t.hidden[2].view(4, 2, 16, -1)[:, 0]
+    torch.testing.assert_close(losses["ar"], ar_loss(s.logits, tokens[:, 0]))
+    torch.testing.assert_close(losses["mim"], mim_loss(s.hidden[2], t_last))
+    z = F.normalize(objective.projector(s.hidden[1][:, pos]), dim=-1)  # (4, K, D)
+    tt = F.normalize(t.hidden[1][:, pos], dim=-1).view(4, 2, 4, -1)
+    step_terms = [
+        nce(z[b, i], tt[b, 0, j], tt[:, 0, j], 0.2) for b in range(4) for i in range(4) for j in range(4) if i != j
+    ]
+    view_terms = [nce(z[b, k], tt[b, 1, k], tt[:, 1, k], 0.2) for b in range(4) for k in range(4)]
+    torch.testing.assert_close(losses["step"], torch.stack(step_terms).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses["view"], torch.stack(view_terms).mean(), rtol=1e-4, atol=1e-5)
+    expected = losses["ar"] + losses["mim"] + 0.5 * (losses["step"] + losses["view"]) / 2
+    torch.testing.assert_close(total, expected)
+
+
+def test_view_infonce_with_fewer_anchor_views_is_the_pairs_of_those_views():
+    z, t = unit(3, 3, 2, 8), unit(3, 3, 2, 8)
+    full_terms = view_infonce(z, t, 0.2)  # all ordered pairs of 3 views
+    first = view_infonce(z[:, :1], t, 0.2)  # anchors of view 0: pairs (0, 1), (0, 2)
+    ref = torch.stack(
+        [nce(z[b, 0, k], t[b, p, k], t[:, p, k], 0.2) for b in range(3) for k in range(2) for p in (1, 2)]
+    ).mean()
+    assert first.item() == pytest.approx(ref.item(), rel=1e-5) and first.item() != pytest.approx(full_terms.item())
+
+
+@pytest.mark.parametrize("ar_loss_on", ["all", "unmasked"])
+def test_masked_share_masks_that_share_and_takes_mim_on_those_only(ar_loss_on):
+    student, teacher = tiny_gpt(0).eval(), build_teacher(tiny_gpt(1))
+    cfg = ObjectiveConfig(mim=True, step=False, view=False, masked_share=0.5, ar_loss_on=ar_loss_on, label_dropout=0.0)
+    tokens, labels = make_batch(B=4, M=2, T=16)
+    spy = Spy(teacher)
+    _, (total, losses) = run_objective(cfg, student, spy, tokens, labels)
+    # the same draws: which 4 of the 8 sequences are masked, then their masks
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randperm(8, generator=gen)[:4].sort().values
+    hidden = torch.zeros(8, 16, dtype=torch.bool)
+    hidden[rows] = sample_hidden_keys(4, 16, 0.25, generator=gen)
+    assert (hidden.sum(1) > 0).sum() == 4 and hidden.sum() == 4 * 4
+    seqs, lab = tokens.flatten(0, 1), labels.repeat_interleave(2)
+    s = student(seqs[:, :-1], lab, attn_mask=key_masked_causal_mask(hidden), return_hidden=(2,))
+    t = teacher(seqs[rows, :-1], lab[rows], return_hidden=(2,), logits=False)
+    assert spy.seen[0].shape == (4,)  # L_MIM alone: the teacher runs the masked sequences only
+    torch.testing.assert_close(losses["mim"], mim_loss(s.hidden[2][rows], t.hidden[2]))
+    keep = torch.ones(8, dtype=torch.bool).index_fill_(0, rows, False)
+    ar_rows = keep if ar_loss_on == "unmasked" else torch.ones(8, dtype=torch.bool)
+    torch.testing.assert_close(losses["ar"], ar_loss(s.logits[ar_rows], seqs[ar_rows]))
+    # the unmasked sequences' logits are those of a plain causal forward
+    plain = student(seqs[keep, :-1], lab[keep]).logits
+    torch.testing.assert_close(s.logits[keep], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_default_objective_is_unchanged_by_the_new_settings():
+    # every variant at its default draws the same numbers and gives the same losses as the paper's step
+    student, teacher = tiny_gpt(0).eval(), build_teacher(tiny_gpt(1))
+    tokens, labels = make_batch()
+    base = ObjectiveConfig(projector_hidden=32)
+    spelled = ObjectiveConfig(projector_hidden=32, student_views=2, masked_share=1.0, ar_loss_on="all", ssl_until=1.0)
+    _, (a, la) = run_objective(base, student, teacher, tokens, labels)
+    _, (b, lb) = run_objective(spelled, student, teacher, tokens, labels)
+    assert torch.equal(a, b) and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_ssl_off_is_the_plain_next_token_step():
+    student, teacher = Spy(tiny_gpt(0).eval()), Spy(build_teacher(tiny_gpt(1)))
+    tokens, labels = make_batch()
+    objective = STARObjective(ObjectiveConfig(projector_hidden=32, label_dropout=0.0), dim=128, n_layer=2)
+    total, losses = objective(student, teacher, tokens, labels, null_class=5, ssl=False)
+    assert set(losses) == {"ar"} and not teacher.seen
+    seqs = tokens.flatten(0, 1)  # every view: the views stay at M past the switch
+    plain = student.model(seqs[:, :-1], labels.repeat_interleave(2)).logits
+    torch.testing.assert_close(total, ar_loss(plain, seqs))
+
+
+def test_variant_settings_are_validated():
+    with pytest.raises(ValueError, match="student_views"):
+        ObjectiveConfig(student_views=3)
+    with pytest.raises(ValueError, match="student_views below num_views needs"):
+        ObjectiveConfig(mim=False, step=False, view=False, student_views=1)
+    with pytest.raises(ValueError, match="masked_share"):
+        ObjectiveConfig(masked_share=0.0)
+    with pytest.raises(ValueError, match="ar_loss_on=unmasked needs"):
+        ObjectiveConfig(ar_loss_on="unmasked")
+    with pytest.raises(ValueError, match="ar_loss_on must be"):
+        ObjectiveConfig(ar_loss_on="some")
+    with pytest.raises(ValueError, match="ssl_until"):
+        ObjectiveConfig(ssl_until=0.0)
+    cfg = ObjectiveConfig(ssl_until=0.25)
+    assert cfg.ssl_steps(10) == 2 and cfg.ssl_on(1, 10) and not cfg.ssl_on(2, 10)
+    assert ObjectiveConfig().ssl_on(10**6, 10) and not ObjectiveConfig(mim=False, step=False, view=False).ssl_on(0, 10)
+
+
+def test_ar_on_unmasked_always_leaves_an_unmasked_sequence():
+    cfg = ObjectiveConfig(masked_share=0.75, ar_loss_on="unmasked")
+    assert [cfg.masked_sequences(n) for n in (2, 4, 8)] == [1, 3, 6]  # round(1.5) = 2 of 2 would leave none
+    assert ObjectiveConfig(masked_share=0.75).masked_sequences(2) == 2 and ObjectiveConfig().masked_sequences(5) == 5
+    with pytest.raises(ValueError, match="at least 2 student sequences"):
+        cfg.masked_sequences(1)
+    student, teacher = tiny_gpt(0), build_teacher(tiny_gpt(1))
+    tokens, labels = make_batch(B=1, M=2)
+    _, (_, losses) = run_objective(cfg, student, teacher, tokens, labels)
+    assert all(torch.isfinite(v) for v in losses.values())

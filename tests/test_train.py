@@ -628,3 +628,92 @@ def test_an_empty_last_checkpoint_is_named_on_resume(mnist_codes, tmp_path, caps
     err = capsys.readouterr().err
     assert f"cannot resume the run in {out}: {out}/checkpoints/last.pt is empty (0 bytes)" in err
     assert "move" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- compute and the open variants
+
+
+def metrics_rows(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_compute_is_logged_and_resumes_exactly_across_the_ssl_switch(mnist_codes, tmp_path):
+    from st_ar.train.flops import run_step_flops
+
+    switch = ("objective.ssl_until=0.5",)  # steps 1-2 ST-AR, 3-4 plain next-token on both views
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    summary = train(debug_cfg(mnist_codes, straight, "train.steps=4", *switch))
+    cfg = debug_cfg(mnist_codes, resumed, "train.steps=4", *switch)
+    assert train(cfg, stop_at=1)["step"] == 1
+    at1 = read_checkpoint(resumed / "checkpoints/last.pt")
+    assert train(cfg, stop_at=3)["step"] == 3  # crosses the switch after a resume
+    at3 = read_checkpoint(resumed / "checkpoints/last.pt")
+    last = train(cfg)
+    a, _ = state_tensors(straight / "checkpoints/last.pt")
+    b, _ = state_tensors(resumed / "checkpoints/last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # past the switch the teacher is left where it was: no EMA update, no teacher metrics
+    end = read_checkpoint(resumed / "checkpoints/last.pt")
+    assert all(torch.equal(end["teacher"][k], v) for k, v in at3["teacher"].items())
+    rows, again = metrics_rows(straight), metrics_rows(resumed)
+    assert [("loss/mim" in r, "teacher/decay" in r) for r in rows] == [(True, True)] * 2 + [(False, False)] * 2
+    # FLOPs: analytic, so the resumed run counts exactly what the straight one did
+    gpt = GPT.from_checkpoint(straight / "model.pt").config
+    on, off = run_step_flops(cfg, gpt), run_step_flops(cfg, gpt, ssl=False)
+    assert off < on
+    expected = np.cumsum([on] * 2 + [off] * 2)
+    assert [r["flops"] for r in rows] == [r["flops"] for r in again] == pytest.approx(expected, rel=1e-12)
+    assert summary["flops"] == last["flops"] == rows[-1]["flops"]
+    # seconds: measured, restored from the checkpoint and counted on from there
+    seconds = [r["train_seconds"] for r in again]
+    assert all(0 < x < y for x, y in zip(seconds, seconds[1:]))
+    assert at1["compute"]["train_seconds"] == seconds[0] and at3["compute"]["train_seconds"] == seconds[2]
+    assert at3["compute"]["flops"] == again[2]["flops"]
+    assert last["train_seconds"] == seconds[-1] and summary["train_seconds"] > 0
+
+
+def test_a_checkpoint_without_compute_resumes_with_its_flops_counted(mnist_codes, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(debug_cfg(mnist_codes, straight, "train.steps=3"))
+    cfg = debug_cfg(mnist_codes, resumed, "train.steps=3")
+    train(cfg, stop_at=2)
+    from st_ar.models.loading import atomic_save
+
+    ckpt = read_checkpoint(resumed / "checkpoints/last.pt")  # memory-mapped: replace the file, never overwrite it
+    del ckpt["compute"]  # as a checkpoint written before compute was recorded
+    atomic_save(ckpt, resumed / "checkpoints/last.pt")
+    assert train(cfg)["flops"] == metrics_rows(straight)[-1]["flops"]
+
+
+def test_the_open_variants_together_train_and_resume_exactly(mnist_codes, tmp_path):
+    variant = (
+        "objective.student_views=1",
+        "objective.masked_share=0.5",
+        "objective.ar_loss_on=unmasked",
+        "data.same_orientation_views=true",
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(debug_cfg(mnist_codes, straight, "train.steps=3", *variant))
+    train(debug_cfg(mnist_codes, resumed, "train.steps=3", *variant), stop_at=1)
+    train(debug_cfg(mnist_codes, resumed, "train.steps=3", *variant))
+    a, _ = state_tensors(straight / "checkpoints/last.pt")
+    b, _ = state_tensors(resumed / "checkpoints/last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["flops"] for r in metrics_rows(straight)] == [r["flops"] for r in metrics_rows(resumed)]
+    assert {"loss/ar", "loss/mim", "loss/step", "loss/view"} <= set(metrics_rows(straight)[-1])
+    # each is another run than the paper's step: a resume without them is refused, naming them
+    from st_ar.models.loading import CheckpointError
+
+    with pytest.raises(CheckpointError, match="(?s)same_orientation_views.*ar_loss_on.*masked_share.*student_views"):
+        train(debug_cfg(mnist_codes, resumed, "train.steps=4"))
+
+
+def test_same_orientation_views_reach_the_training_data(mnist_codes, tmp_path):
+    from st_ar.distributed import DistInfo
+    from st_ar.train.loop import setup
+
+    cfg = debug_cfg(mnist_codes, tmp_path / "run", "data.same_orientation_views=true", "data.num_workers=0")
+    _, loader, _ = setup(cfg, DistInfo())
+    views = [loader.dataset.views(i) for i in range(64)]
+    assert all((a % 10 >= 5) == (b % 10 >= 5) for a, b in views)

@@ -12,6 +12,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from st_ar.data import CodesDataset, check_codes_match, choose_views
 from st_ar.data.codes import CODES_FORMAT, CODES_VERSION
+from st_ar.data.transforms import CROP_SETS
 
 N, RANGES, CROPS, T = 40, 2, 10, 16
 
@@ -31,6 +32,7 @@ def _fake_extraction(folder, labels=None, crops_per_range=CROPS, complete=True):
         "num_classes": 10,
         "crop_ranges": [1.1, 1.05][:RANGES],
         "crops": "ten" if crops_per_range == 10 else "center",
+        "crop_names": list(CROP_SETS["ten" if crops_per_range == 10 else "center"]),
         "crops_per_range": crops_per_range,
         "num_crops": k,
         "grid": [4, 4],
@@ -159,3 +161,40 @@ def test_unfinished_or_missing_extraction_is_refused(tmp_path):
         CodesDataset(_fake_extraction(tmp_path / "c", complete=False))
     with pytest.raises(FileNotFoundError, match="st-ar extract"):
         CodesDataset(tmp_path / "nothing")
+
+
+def test_same_orientation_views_are_both_mirrored_or_both_not(folder):
+    mirrored = lambda crop: (crop % CROPS) >= 5  # noqa: E731  ten crops: 5-9 are the flips of 0-4
+    ds = CodesDataset(folder, num_views=2, seed=3, same_orientation=True)
+    plain = CodesDataset(folder, num_views=2, seed=3)
+    kinds, mixed = set(), 0
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i in range(N):
+            a, b = _crops(ds[i][0], i)
+            assert a != b and a // CROPS == b // CROPS and mirrored(a) == mirrored(b)
+            kinds.add(mirrored(a))
+            mixed += mirrored(plain.views(i)[0]) != mirrored(plain.views(i)[1])
+    assert kinds == {False, True}
+    assert mixed > 0.4 * 3 * N  # today's draw: 5/9 of the pairs hold exactly one mirrored crop
+    # deterministic per (seed, epoch, index), and another seed draws others
+    again = CodesDataset(folder, num_views=2, seed=3, same_orientation=True)
+    again.set_epoch(2)
+    assert [again.views(i) for i in range(N)] == [ds.views(i) for i in range(N)]
+    other = CodesDataset(folder, num_views=2, seed=4, same_orientation=True)
+    other.set_epoch(2)
+    assert sum(other.views(i) != ds.views(i) for i in range(N)) > N // 2
+    # off, the draw is the one it always was
+    assert choose_views(3, 2, 7, RANGES, CROPS, 2) == plain.views(7)
+    # within an orientation every pair is drawn
+    pairs = {tuple(sorted(choose_views(0, 0, i, 1, CROPS, 2, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]))) for i in range(2000)}
+    assert len(pairs) == 2 * 10
+
+
+def test_same_orientation_views_need_mirrored_crops(tmp_path):
+    single = _fake_extraction(tmp_path / "center", crops_per_range=1)
+    with pytest.raises(ValueError, match="same_orientation_views needs 1 crop\\(s\\) of each orientation"):
+        CodesDataset(single, same_orientation=True)
+    with pytest.raises(ValueError, match="same_orientation_views needs 6 crop"):
+        CodesDataset(_fake_extraction(tmp_path / "ten"), num_views=6, same_orientation=True)

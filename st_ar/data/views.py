@@ -4,7 +4,10 @@ baseline, M = 2 for ST-AR's view-contrastive loss) as token sequences.
 Views are pre-extracted crops, not augmentations tokenized on the fly: tokenizing during training would
 cost a VQ encoder pass per view per step, while the ten crops per crop range already are the paper's and
 LlamaGen's augmentations. Per sample, one crop range is drawn (LlamaGen picks one of its 1.1 / 1.05 sets at
-random), then M distinct crops of that range, without replacement.
+random), then M distinct crops of that range, without replacement. With ``same_orientation``
+(data.same_orientation_views) the crops of an image are either all unmirrored or all mirrored: of
+ten crops, a uniform pair has exactly one mirrored crop in 5/9 of the draws, and then position k
+of one view holds the mirrored column of the other's.
 
 The draw is a pure function of (seed, epoch, index): no RNG state lives in the workers, so the same views
 come back whatever the number of DataLoader workers or ranks, and a resumed run sees the same data.
@@ -33,12 +36,24 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def choose_views(seed: int, epoch: int, index: int, num_ranges: int, crops_per_range: int, num_views: int) -> list[int]:
+def choose_views(
+    seed: int,
+    epoch: int,
+    index: int,
+    num_ranges: int,
+    crops_per_range: int,
+    num_views: int,
+    groups: list[list[int]] | None = None,
+) -> list[int]:
     """Crop-axis indices (r * crops_per_range + c) of ``num_views`` distinct crops of one crop range.
 
     A counter-based draw: the key (seed, epoch, index) is hashed, and successive hashes pick the range
-    and then a partial Fisher-Yates shuffle of the crops (modulo bias is below 2**-59).
+    and then a partial Fisher-Yates shuffle of the crops (modulo bias is below 2**-59). ``groups``
+    (crop indices within a range, e.g. the unmirrored and the mirrored crops): the next hash picks one
+    group, and the views are distinct crops of that group alone; None draws as before.
     """
+    if groups is not None and not all(1 <= num_views <= len(g) for g in groups):
+        raise ValueError(f"cannot draw {num_views} distinct views from crop groups of {[len(g) for g in groups]}")
     if not 1 <= num_views <= crops_per_range:
         raise ValueError(f"cannot draw {num_views} distinct views from {crops_per_range} crops per crop range")
     state = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
@@ -49,11 +64,18 @@ def choose_views(seed: int, epoch: int, index: int, num_ranges: int, crops_per_r
         return state % n
 
     r = draw(num_ranges)
-    order = list(range(crops_per_range))
+    order = list(range(crops_per_range)) if groups is None else list(groups[draw(len(groups))])
     for k in range(num_views):  # the first num_views slots of a uniform shuffle
-        j = k + draw(crops_per_range - k)
+        j = k + draw(len(order) - k)
         order[k], order[j] = order[j], order[k]
     return [r * crops_per_range + c for c in order[:num_views]]
+
+
+def orientation_groups(crop_names: list[str]) -> list[list[int]]:
+    """The crops of a range split by orientation: [unmirrored, mirrored] indices (ten crops: 0-4, 5-9)."""
+    mirrored = [c for c, name in enumerate(crop_names) if name.startswith("flip_")]
+    plain = [c for c, name in enumerate(crop_names) if not name.startswith("flip_")]
+    return [plain, mirrored]
 
 
 class CodesDataset(Dataset):
@@ -76,6 +98,7 @@ class CodesDataset(Dataset):
         vocab_size: int | None = None,
         seq_len: int | None = None,
         seed: int = 0,
+        same_orientation: bool = False,
     ):
         self.folder = os.fspath(folder)
         self.meta: dict[str, Any] = read_codes_meta(self.folder)
@@ -93,6 +116,14 @@ class CodesDataset(Dataset):
                 f"(crops={self.meta['crops']!r}); extract with --crops ten for up to 10 distinct views"
             )
         self.num_views, self.seed = num_views, seed
+        self.groups = None  # data.same_orientation_views: the views of an image all mirrored or all not
+        if same_orientation:
+            self.groups = orientation_groups(self.meta["crop_names"])
+            if min(len(g) for g in self.groups) < num_views:
+                raise ValueError(
+                    f"data.same_orientation_views needs {num_views} crop(s) of each orientation, but {self.folder} "
+                    f"has crops {self.meta['crops']!r}; extract with --crops ten (five plain, five mirrored)"
+                )
         self._rows, self._labels = read_codes_labels(self.folder)  # dataset index -> row of codes.npy, label
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._codes: np.ndarray | None = None
@@ -127,7 +158,9 @@ class CodesDataset(Dataset):
 
     def views(self, i: int) -> list[int]:
         """Crop-axis indices of the views ``ds[i]`` returns at the current epoch."""
-        return choose_views(self.seed, self.epoch, i, self.num_ranges, self.crops_per_range, self.num_views)
+        return choose_views(
+            self.seed, self.epoch, i, self.num_ranges, self.crops_per_range, self.num_views, self.groups
+        )
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -9,7 +9,9 @@ anchor's own image, the negatives are all others.
   L_step: anchor z[b, m, i], positive t[b, m, j] (same image and view, other step j != i)
   L_view: anchor z[b, m, k], positive t[b, m', k] (same image and step, other view m' != m)
 
-Both are averaged over b and over the ordered pairs (i, j) or (m, m').
+Both are averaged over b and over the ordered pairs (i, j) or (m, m'). With
+objective.student_views = 1 the anchors hold view 0 only: L_step runs within it, L_view between
+it and the teacher's other views.
 """
 
 from __future__ import annotations
@@ -48,12 +50,15 @@ def step_infonce(z: Tensor, t: Tensor, temperature: float, offset: int = 0) -> T
 
 
 def view_infonce(z: Tensor, t: Tensor, temperature: float, offset: int = 0) -> Tensor:
-    B, M, K, _ = z.shape
-    if M < 2:
-        raise ValueError("L_view needs at least 2 views per image (M >= 2)")
+    """z may hold fewer views than t (objective.student_views): z's view m is t's view m, and its
+    positives are t's other views."""
+    B, Ms, K, _ = z.shape
+    M = t.shape[1]
+    if M < 2 or Ms > M:
+        raise ValueError(f"L_view needs at least 2 views per image (M >= 2) and no more anchors' views, got {Ms}/{M}")
     # logits[m, p, k, b, n] = <z[b, m, k], t[n, p, k]> / tau
     logits = torch.einsum("bmkd,npkd->mpkbn", z.float(), t.float()) / temperature
-    off_diag = ~torch.eye(M, dtype=torch.bool, device=z.device)
-    logits = logits[off_diag]  # (M(M-1), K, B, N)
+    off_diag = ~torch.eye(Ms, M, dtype=torch.bool, device=z.device)
+    logits = logits[off_diag]  # (Ms(M-1), K, B, N)
     target = _own_rows(B, offset, z.device).expand(*logits.shape[:-1])
     return F.cross_entropy(logits.flatten(0, 2), target.flatten())

@@ -4,6 +4,11 @@
 when MIM is on), the EMA teacher when any self-supervised loss is on, and returns the total loss
 with a dict of named scalars. The LlamaGen baseline (one view, every extra loss off) runs the
 student alone: no teacher forward, no mask, no projector.
+
+The variants the paper leaves open (docs/training.md), each off by default: the student on the first
+``student_views`` views only, the key mask on a ``masked_share`` of the sequences (L_AR on all of
+them or on the unmasked ones, ``ar_loss_on``), and ``ssl=False`` past ``ssl_until``. The teacher
+forwards what the losses compare, which train/flops.py counts.
 """
 
 from __future__ import annotations
@@ -53,50 +58,76 @@ class STARObjective(nn.Module):
         generator: torch.Generator | None = None,
         shared_generator: torch.Generator | None = None,
         gather: Gather = no_gather,
+        ssl: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``generator`` draws this rank's label dropout and masks; ``shared_generator`` (seeded
         alike on every rank) draws the K contrasted positions, which must be the same on all ranks
-        for the gathered targets to be the steps the losses describe."""
+        for the gathered targets to be the steps the losses describe. ``ssl=False`` (past
+        objective.ssl_until) runs the plain next-token step on the student's sequences: no mask, no
+        teacher, no projector."""
         cfg = self.config
         B, M, T = tokens.shape
         if M != cfg.num_views:
             raise ValueError(f"batch has {M} views per image, objective.num_views is {cfg.num_views}")
-        if cfg.needs_teacher and teacher is None:
+        ssl = ssl and cfg.needs_teacher
+        if ssl and teacher is None:
             raise ValueError("the self-supervised losses need the EMA teacher")
-        labels = drop_labels(labels, cfg.label_dropout, null_class, generator)  # once per image
-        labels = labels.repeat_interleave(M)  # (B*M,), view-major within an image
-        seqs = tokens.flatten(0, 1)  # (N = B*M, T)
+        image_labels = drop_labels(labels, cfg.label_dropout, null_class, generator)  # once per image
+        Ms = cfg.views_of_student  # the student trains on the first Ms views of each image
+        labels = image_labels.repeat_interleave(Ms)  # (B*Ms,), view-major within an image
+        seqs = tokens[:, :Ms].flatten(0, 1)  # (N = B*Ms, T)
         inputs = seqs[:, :-1]  # [class, x_0 .. x_{T-2}] once the class token is prepended
+        N = seqs.shape[0]
 
         want = set()
-        if cfg.mim:
+        if ssl and cfg.mim:
             want.add(self.n_layer)
-        if cfg.contrastive:
+        if ssl and cfg.contrastive:
             want.add(self.layer)
-        attn_mask = None
-        if cfg.mim:
-            hidden = sample_hidden_keys(seqs.shape[0], T, cfg.mask_ratio, generator=generator, device=seqs.device)
+        attn_mask, masked = None, None  # masked: rows of the masked sequences, None = all of them
+        if ssl and cfg.mim:
+            hidden, masked = self._hidden_keys(N, T, generator, seqs.device)
             attn_mask = key_masked_causal_mask(hidden)  # (N, 1, T, T)
         out = student(inputs, labels, attn_mask=attn_mask, return_hidden=tuple(want))
-        losses = {"ar": ar_loss(out.logits, seqs)}
+        if ssl and cfg.ar_loss_on == "unmasked":
+            unmasked = torch.ones(N, dtype=torch.bool, device=seqs.device).index_fill_(0, masked, False)
+            losses = {"ar": ar_loss(out.logits[unmasked], seqs[unmasked])}
+        else:
+            losses = {"ar": ar_loss(out.logits, seqs)}
         total = losses["ar"]
-        if not cfg.needs_teacher:
+        if not ssl:
             return total, losses
 
+        # the teacher runs what the losses compare: every view (L_view), the student's views (L_step),
+        # or only the masked sequences (L_MIM alone)
+        every_view = cfg.view and Ms < M
+        masked_only = not cfg.contrastive and masked is not None
+        if every_view:
+            t_seqs, t_labels = tokens.flatten(0, 1), image_labels.repeat_interleave(M)
+        elif masked_only:
+            t_seqs, t_labels = seqs[masked], labels[masked]
+        else:
+            t_seqs, t_labels = seqs, labels
         with torch.no_grad():
-            t_out = teacher(inputs, labels, return_hidden=tuple(want), logits=False)
+            t_out = teacher(t_seqs[:, :-1], t_labels, return_hidden=tuple(want), logits=False)
         if cfg.mim:
-            losses["mim"] = mim_loss(out.hidden[self.n_layer], t_out.hidden[self.n_layer])
+            s_last, t_last = out.hidden[self.n_layer], t_out.hidden[self.n_layer]
+            if every_view:  # the student's sequences are the first Ms views of each image
+                t_last = t_last.view(B, M, *t_last.shape[1:])[:, :Ms].flatten(0, 1)
+            if masked is not None:
+                s_last = s_last[masked]
+                t_last = t_last if masked_only else t_last[masked]
+            losses["mim"] = mim_loss(s_last, t_last)
             total = total + cfg.mim_weight * losses["mim"]
         if cfg.contrastive:
             pos = sample_steps(T, cfg.num_steps, generator=shared_generator or generator).to(seqs.device)  # (K,)
             z = self.projector(out.hidden[self.layer][:, pos])  # (N, K, D)
-            z = F.normalize(z.float(), dim=-1).view(B, M, len(pos), -1)
-            t = F.normalize(t_out.hidden[self.layer][:, pos].float(), dim=-1).view(B, M, len(pos), -1)
-            t_all, offset = gather(t)
+            z = F.normalize(z.float(), dim=-1).view(B, Ms, len(pos), -1)
+            t = F.normalize(t_out.hidden[self.layer][:, pos].float(), dim=-1).view(B, -1, len(pos), z.shape[-1])
+            t_all, offset = gather(t)  # (B or more, M or Ms, K, D)
             terms = []
             if cfg.step:
-                losses["step"] = step_infonce(z, t_all, cfg.temperature, offset)
+                losses["step"] = step_infonce(z, t_all[:, :Ms], cfg.temperature, offset)
                 terms.append(losses["step"])
             if cfg.view:
                 losses["view"] = view_infonce(z, t_all, cfg.temperature, offset)
@@ -104,3 +135,17 @@ class STARObjective(nn.Module):
             # beta * (L_step + L_view) / 2 as written in the paper; a switched-off term counts as 0
             total = total + cfg.contrastive_weight * sum(terms) / 2
         return total, losses
+
+    def _hidden_keys(self, n: int, T: int, generator: torch.Generator | None, device) -> tuple[Tensor, Tensor | None]:
+        """(n, T) hidden-key flags and the rows that are masked (None: all). Every sequence is masked,
+        or (objective.masked_share < 1) a random ``masked_sequences(n)`` of them, in row order; the
+        others hide nothing."""
+        cfg = self.config
+        if cfg.masked_share >= 1.0:
+            return sample_hidden_keys(n, T, cfg.mask_ratio, generator=generator, device=device), None
+        k = cfg.masked_sequences(n)
+        rows = torch.randperm(n, generator=generator, device=generator.device if generator else device)[:k]
+        rows = rows.sort().values.to(device)
+        hidden = torch.zeros(n, T, dtype=torch.bool, device=device)
+        hidden[rows] = sample_hidden_keys(k, T, cfg.mask_ratio, generator=generator, device=device)
+        return hidden, rows

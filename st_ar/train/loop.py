@@ -56,6 +56,7 @@ from ..runlog import RunLogger
 from ..sampling.generate import check_sampling_settings
 from ..teacher import build_teacher, ema_schedule, update_ema
 from . import NonFiniteLoss, runtime
+from .flops import run_step_flops
 from .parallel import full_tensor, shard_model
 from .preview import Previewer
 from .runtime import autocast_for, capture_rng, check_finite, check_resumable, param_groups, restore_rng
@@ -73,7 +74,7 @@ class StudentBundle(nn.Module):
         self.objective = objective
         self.run_gpt: nn.Module = gpt  # replaced by the compiled module when train.compile is on
 
-    def forward(self, teacher, tokens, labels, generator, shared_generator, gather):
+    def forward(self, teacher, tokens, labels, generator, shared_generator, gather, ssl=True):
         return self.objective(
             self.run_gpt,
             teacher,
@@ -83,6 +84,7 @@ class StudentBundle(nn.Module):
             generator=generator,
             shared_generator=shared_generator,
             gather=gather,
+            ssl=ssl,
         )
 
 
@@ -102,6 +104,8 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    flops: float = 0.0  # cumulative analytic training FLOPs of all ranks (flops.py), saved with the checkpoint
+    train_seconds: float = 0.0  # cumulative wall time of the training steps, saved with the checkpoint
 
     @property
     def student(self) -> GPT:
@@ -156,7 +160,9 @@ def build_state(
         if teacher is not None:
             shard_model(teacher, teacher)
     elif dist_info.distributed:
-        model = DDP(bundle, device_ids=[device.index] if device.type == "cuda" else None)
+        # past objective.ssl_until the projector gets no gradient: DDP must look for unused parameters
+        unused = cfg.objective.ssl_until < 1.0 and cfg.objective.needs_teacher
+        model = DDP(bundle, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     # the fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop on a 2-core CPU
     optimizer = torch.optim.AdamW(
         param_groups(bundle, cfg.optim.weight_decay),
@@ -194,7 +200,12 @@ def build_loader(cfg: RunConfig, dist_info: DistInfo, dataset: CodesDataset) -> 
 
 
 def setup(cfg: RunConfig, dist_info: DistInfo) -> tuple[TrainState, DataLoader, StepBatches]:
-    dataset = CodesDataset(cfg.data.codes, num_views=cfg.objective.num_views, seed=cfg.train.seed)
+    dataset = CodesDataset(
+        cfg.data.codes,
+        num_views=cfg.objective.num_views,
+        seed=cfg.train.seed,
+        same_orientation=cfg.data.same_orientation_views,
+    )
     if cfg.train.sample_every > 0:  # the previews' guidance scale, checked before any step
         try:
             check_sampling_settings(cfg_scale=cfg.train.sample_cfg_scale)
@@ -219,6 +230,7 @@ def train_step(
     cfg, device = state.cfg, state.dist.device
     state.model.train()
     gather = all_gather_rows if (cfg.objective.gather_negatives and state.dist.distributed) else no_gather
+    ssl = cfg.objective.ssl_on(step, cfg.train.steps)  # False past objective.ssl_until: plain next-token
     sums: dict[str, float] = {}
     n = len(micro_batches)
     for i, (tokens, labels) in enumerate(micro_batches):
@@ -227,7 +239,7 @@ def train_step(
         with contextlib.nullcontext() if sync else state.model.no_sync():
             with state.autocast():
                 total, losses = state.model(
-                    state.teacher, tokens, labels, state.generator, state.shared_generator, gather
+                    state.teacher, tokens, labels, state.generator, state.shared_generator, gather, ssl
                 )
             (total / n).backward()
         for k, v in {"total": total, **losses}.items():
@@ -253,7 +265,7 @@ def train_step(
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     decay = state.ema_decay(step)
-    if state.teacher is not None:
+    if state.teacher is not None and ssl:
         if hasattr(state.teacher, "reshard"):
             # FSDP keeps the root unit gathered after a forward without backward; shard it back
             # so teacher and student parameters are the same local shards for the EMA
@@ -261,9 +273,17 @@ def train_step(
         update_ema(state.teacher, state.student, decay)
     sums["grad_norm"] = float(grad_norm)
     sums["lr"] = state.optimizer.param_groups[0]["lr"]
-    if state.teacher is not None:
+    if state.teacher is not None and ssl:
         sums["teacher/decay"] = decay
+    state.flops += step_flops_at(state, step)
     return sums
+
+
+def step_flops_at(state: TrainState, step: int) -> float:
+    """Analytic FLOPs of the optimizer step after ``step`` done ones, over all ranks (flops.py)."""
+    cfg = state.cfg
+    ssl = cfg.objective.ssl_on(step, cfg.train.steps)
+    return run_step_flops(cfg, state.student.config, state.dist.world_size, ssl=ssl)
 
 
 def _grad_norm(module: nn.Module) -> torch.Tensor:
@@ -303,6 +323,7 @@ def save_checkpoint(state: TrainState) -> str:
             step=state.step,
             data={"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch},
             rng=rng,
+            compute={"flops": state.flops, "train_seconds": state.train_seconds},
             run_config=to_dict(state.cfg),
             codes=state.codes,
         )
@@ -341,6 +362,11 @@ def load_checkpoint(state: TrainState, path: str) -> None:
     state.step = int(ckpt["step"])
     state.epoch, state.batch_in_epoch = int(ckpt["data"]["epoch"]), int(ckpt["data"]["batch_in_epoch"])
     restore_rng(ckpt["rng"], state.dist, path, _generators(state))
+    compute = ckpt.get("compute")
+    if compute is not None:
+        state.flops, state.train_seconds = float(compute["flops"]), float(compute["train_seconds"])
+    else:  # written before compute was recorded: the FLOPs follow from the steps, the seconds are lost
+        state.flops = sum(step_flops_at(state, s) for s in range(state.step))
 
 
 def _generators(state: TrainState) -> dict[str, torch.Generator]:
@@ -431,7 +457,11 @@ def _run_steps(state, loader, sampler, log, bar, previewer, stop, stop_at) -> tu
         loader.dataset.set_epoch(epoch)
         batches = iter(loader)
         for _ in range(sampler.start, sampler.stop):
+            start = time.perf_counter()  # the step with its batches; logging, previews and saves excluded
             metrics = train_step(state, [next(batches) for _ in range(accum)], state.step)
+            if dist_info.device.type == "cuda":
+                torch.cuda.synchronize(dist_info.device)  # the step's queued kernels count to it
+            state.train_seconds += time.perf_counter() - start
             state.step += 1
             state.epoch, state.batch_in_epoch = sampler.position(state.step)
             steps_timed += 1
@@ -441,6 +471,7 @@ def _run_steps(state, loader, sampler, log, bar, previewer, stop, stop_at) -> tu
                 metrics["speed/tokens_per_s"] = tokens_per_step * steps_timed / elapsed
                 t0, steps_timed = time.perf_counter(), 0
                 last = _reduce(metrics, dist_info)
+                last.update(flops=state.flops, train_seconds=state.train_seconds)  # rank 0's, not averaged
                 log.scalars(state.step, last)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in last.items() if k.startswith("loss/")})
             bar.update(1)
@@ -477,5 +508,7 @@ def _summary(state: TrainState, last: dict, finished: bool, already_finished: bo
         "checkpoint": checkpoint_path(state.cfg),
         "finished": finished,
         "already_finished": already_finished,
+        "flops": state.flops,  # cumulative analytic training FLOPs (train/flops.py), all ranks
+        "train_seconds": state.train_seconds,  # cumulative wall time of the training steps
         "config": dataclasses.asdict(state.cfg),
     }
