@@ -171,6 +171,10 @@ def test_fid_metrics_compute_what_the_inputs_allow_and_say_why_not_the_rest():
     assert {"kid", "kid_std", "precision", "recall"} <= set(metrics) and set(notes) == {"sfid", "inception_score"}
     metrics, notes = fid_metrics(feats, {"mu": full["mu"], "sigma": full["sigma"]})  # a precomputed mu/sigma
     assert set(metrics) == {"fid"} and "need reference images" in notes["kid"]
+    # three samples: FID and KID still come out; precision/recall (k = 3) cannot, and say why
+    metrics, notes = fid_metrics({"pool": feats["pool"][:3]}, full)
+    assert {"fid", "kid"} <= set(metrics) and not {"precision", "recall"} & set(metrics)
+    assert "more than 3 images" in notes["precision"] and "got 3" in notes["recall"]
 
 
 @pytest.mark.skipif(

@@ -67,6 +67,9 @@ def reference_statistics(
     return stats, "cached reference statistics" if cached else "reference images"
 
 
+PR_NEIGHBOURS = 3  # improved precision/recall's k, as the ADM evaluator
+
+
 def fid_metrics(feats: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, str]]:
     """Every metric the sample features ``feats`` and the reference ``ref`` allow; (metrics, {name: why not})."""
     results: dict[str, float] = {}
@@ -85,8 +88,13 @@ def fid_metrics(feats: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> tup
     else:
         notes["inception_score"] = "the network has no logits (the bundled one ends at pool_3); pass --inception PATH"
     if "features" in ref:
-        results["kid"], results["kid_std"] = kid(ref["features"], feats["pool"])
-        results["precision"], results["recall"] = precision_recall(ref["features"], feats["pool"])
+        fewest = min(len(ref["features"]), len(feats["pool"]))
+        results["kid"], results["kid_std"] = kid(ref["features"], feats["pool"])  # FID already needs 2 per side
+        if fewest > PR_NEIGHBOURS:  # a ball's radius is the distance to the k-th neighbour in its own set
+            results["precision"], results["recall"] = precision_recall(ref["features"], feats["pool"], k=PR_NEIGHBOURS)
+        else:
+            for name in ("precision", "recall"):
+                notes[name] = f"needs more than {PR_NEIGHBOURS} images on each side (k = {PR_NEIGHBOURS}), got {fewest}"
     else:
         for name in ("kid", "precision", "recall"):
             notes[name] = "the reference holds only mu/sigma; KID and precision/recall need reference images"
