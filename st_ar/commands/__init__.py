@@ -76,15 +76,13 @@ def add_gpt_arguments(p: argparse.ArgumentParser, *, several: bool = False) -> N
 
 
 def load_gpt(args: argparse.Namespace, ckpt: str, device: torch.device):
-    """The GPT of ``ckpt`` as --model, --model-args, --precision and --trust-checkpoint say, in eval mode."""
+    """The GPT of ``ckpt`` as --model, --model-args, --precision and --trust-checkpoint say, in eval mode.
+
+    --precision follows the trainers' rule (runtime.resolve_precision); None there means fp32 here.
+    """
     from ..models.gpt import GPT
-
-    model = GPT.from_checkpoint(ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
-    return model.to(device=device, dtype=resolve_dtype(args.precision, device)).eval()
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """--precision (auto | fp32 | bf16) as the dtype to run in: the trainers' rule (runtime.resolve_precision)."""
     from ..train.runtime import resolve_precision
 
-    return resolve_precision(precision, device) or torch.float32
+    model = GPT.from_checkpoint(ckpt, args.model, model_args=args.model_args, trust=args.trust_checkpoint)
+    dtype = resolve_precision(args.precision, device) or torch.float32
+    return model.to(device=device, dtype=dtype).eval()
