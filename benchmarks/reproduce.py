@@ -80,19 +80,20 @@ from st_ar.runfolder import atomic_write, write_json_atomic  # noqa: E402
 # --------------------------------------------------------------------------------------------------
 
 
-def prepare_data(dataset: str, work: str) -> dict[str, str]:
-    """Tokenizer and codes of ``dataset`` under work/<dataset> (built once; resumes if interrupted)."""
+def prepare_data(dataset: str, work: str, codes_settings: dict = CODES, codes_name: str = "codes") -> dict[str, str]:
+    """Tokenizer and codes of ``dataset`` under work/<dataset> (built once; resumes if interrupted): the
+    TOKENIZER, then the codes of ``codes_settings`` (default the ablation's) in work/<dataset>/<codes_name>."""
     base = os.path.join(work, dataset)
     tokenizer = os.path.join(base, "tokenizer", "tokenizer.pt")
     if not os.path.isfile(tokenizer):
         print(f"[{dataset}] training the tokenizer", flush=True)
         pipeline.train_tokenizer(os.path.dirname(tokenizer), dataset=dataset, **TOKENIZER)
-    codes = {split: os.path.join(base, "codes", split) for split in ("train", "test")}
+    codes = {split: os.path.join(base, codes_name, split) for split in ("train", "test")}
     for split, folder in codes.items():
         if not pipeline.codes_finished(folder):  # absent, or stopped part way
             print(f"[{dataset}] tokenizing the {split} images", flush=True)
-            limit = CODES["train_images"] if split == "train" else CODES["test_images"]
-            settings = {k: CODES[k] for k in ("image_size", "crops", "crop_range")}
+            limit = codes_settings["train_images"] if split == "train" else codes_settings["test_images"]
+            settings = {k: codes_settings[k] for k in ("image_size", "crops", "crop_range")}
             pipeline.extract_split(tokenizer, folder, split, dataset=dataset, limit=limit, **settings)
     return {"tokenizer": tokenizer, **codes}
 

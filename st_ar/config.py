@@ -75,6 +75,9 @@ class TrainConfig:
     steps: int = 1000
     log_every: int = 10
     save_every: int = 500  # checkpoint every N steps (and always at the end or on Ctrl-C)
+    # steps whose student (and teacher) are kept as OUT/exports/step_N/{model,ema}.pt: a run measured along
+    # its course (the compute study evaluates these)
+    export_steps: list[int] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"  # auto: this rank's GPU when CUDA is available, else CPU
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
@@ -100,6 +103,7 @@ class RunConfig:
         "train.steps",
         "train.log_every",
         "train.save_every",
+        "train.export_steps",  # copies of the weights; the run itself is the same
         "data.num_workers",
         "data.codes",  # the codes' identity is checked on its own (data/codes.py codes_identity)
         "train.out_dir",
@@ -123,6 +127,8 @@ class RunConfig:
                 raise ValueError(f"train.{name} must be >= 1")
         if self.train.sample_every < 0:
             raise ValueError("train.sample_every must be >= 0 (0: no sample grids)")
+        if any(not 1 <= s <= self.train.steps for s in self.train.export_steps):
+            raise ValueError(f"train.export_steps must lie in [1, train.steps={self.train.steps}]")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

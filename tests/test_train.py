@@ -136,6 +136,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(mnist_codes, tmp_
             assert torch.equal(a[k], b[k]), k
 
 
+def test_export_steps_keep_the_weights_of_those_steps_and_leave_the_run_unchanged(mnist_codes, tmp_path):
+    plain, kept = tmp_path / "plain", tmp_path / "kept"
+    train(debug_cfg(mnist_codes, plain, "train.steps=4"), stop_at=2)
+    at_two = read_checkpoint(plain / "checkpoints/last.pt")
+    train(debug_cfg(mnist_codes, plain, "train.steps=4"))
+    # export_steps may be added on resume: the run is the same
+    train(debug_cfg(mnist_codes, kept, "train.steps=4"), stop_at=1)
+    assert train(debug_cfg(mnist_codes, kept, "train.steps=4", "train.export_steps=[2,4]"))["finished"]
+    assert sorted(os.listdir(kept / "exports")) == ["step_2", "step_4"]
+    for name, key in (("model.pt", "model"), ("ema.pt", "teacher")):
+        step_two = read_checkpoint(kept / "exports/step_2" / name)
+        assert step_two["step"] == 2
+        for k, v in at_two[key].items():
+            assert torch.equal(step_two["model"][k], v), (name, k)
+        final, last = read_checkpoint(plain / name), read_checkpoint(kept / "exports/step_4" / name)
+        for k, v in final["model"].items():
+            assert torch.equal(last["model"][k], v), (name, k)
+    with pytest.raises(ValueError, match="export_steps"):
+        debug_cfg(mnist_codes, kept, "train.steps=4", "train.export_steps=[5]")
+
+
 def test_metrics_after_a_resume_hold_each_step_once(mnist_codes, tmp_path):
     import shutil
 

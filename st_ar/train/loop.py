@@ -477,6 +477,8 @@ def _run_steps(state, loader, sampler, log, bar, previewer, stop, stop_at) -> tu
             bar.update(1)
             if previewer.due(state.step, cfg.train.steps):
                 previewer(state.student, state.step, state.autocast, log)
+            if state.step in cfg.train.export_steps:
+                _export(state, export_folder(cfg, state.step))
             if state.step % cfg.train.save_every == 0 and state.step < cfg.train.steps:
                 save_checkpoint(state)
             if any_rank(stop.requested or state.step == stop_at, dist_info.device):
@@ -490,12 +492,20 @@ def _reduce(metrics: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
     return {**reduced, **speed}
 
 
-def _export(state: TrainState) -> None:
-    """model.pt (student) and ema.pt (teacher): plain GPT checkpoints for sampling and evaluation."""
+def export_folder(cfg: RunConfig, step: int) -> str:
+    """Where train.export_steps keeps the weights of ``step``: OUT/exports/step_N."""
+    return os.path.join(cfg.train.out_dir, "exports", f"step_{step}")
+
+
+def _export(state: TrainState, out: str | None = None) -> None:
+    """model.pt (student) and ema.pt (teacher) in ``out`` (default the run folder): plain GPT checkpoints
+    for sampling and evaluation."""
     weights = full_state_dicts(state)
     if not state.dist.is_main:
         return
-    out, meta = state.cfg.train.out_dir, {"step": state.step, "run_config": to_dict(state.cfg)}
+    out = out or state.cfg.train.out_dir
+    os.makedirs(out, exist_ok=True)
+    meta = {"step": state.step, "run_config": to_dict(state.cfg)}
     save_gpt(os.path.join(out, "model.pt"), state.student.config, weights["model"], **meta)
     if weights["teacher"] is not None:
         save_gpt(os.path.join(out, "ema.pt"), state.student.config, weights["teacher"], **meta)

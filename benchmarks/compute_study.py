@@ -1,0 +1,267 @@
+"""Does ST-AR pay for its compute? Every method trained for the same analytic FLOPs on all 60 000 images
+and measured at every eighth of the budget, resumable point by point.
+
+    python benchmarks/compute_study.py --list               # every run, its steps and points done
+    python benchmarks/compute_study.py --commit             # run what is missing; commit each point's result
+    python benchmarks/compute_study.py --only fashion-mnist/baseline-s0
+    python benchmarks/compute_study.py --report             # the compute section of docs/RESULTS.md
+
+The runs, budgets and protocol are defined in benchmarks/study.py. Each run writes
+benchmarks/results/compute/<dataset>/<run>.json, rewritten (and with --commit committed) after every
+compute point, so a study stopped anywhere keeps every point measured so far and continues on any
+machine: a point whose exported weights are gone is trained again from the run's checkpoint, or from
+the start (training is exactly reproducible from the seed). Checkpoints, codes and samples live under
+--work (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import study  # noqa: E402  (benchmarks/study.py: the runs and their settings)
+from reproduce import commit, machine, prepare_data  # noqa: E402
+
+from st_ar import pipeline  # noqa: E402
+from st_ar.runfolder import write_json_atomic  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# The measurement of one set of weights
+# --------------------------------------------------------------------------------------------------
+
+
+class StudyEvaluator:
+    """What every point is measured against, prepared once per dataset: the domain classifier, all real
+    test images with their cached Inception statistics, and the probe's codes."""
+
+    def __init__(self, dataset: str, data: dict[str, str]):
+        from st_ar.eval.domain import DomainClassifier, dataset_arrays
+        from st_ar.eval.fid import reference_statistics
+        from st_ar.eval.inception import InceptionFeatures
+
+        e = study.EVALUATION
+        self.seed, self.probe_epochs = e["seed"], e["probe_epochs"]
+        self.classifier = DomainClassifier.load_or_train(
+            dataset, epochs=e["classifier_epochs"], max_images=e["classifier_images"], seed=e["seed"]
+        )
+        self.real, real_labels, _ = dataset_arrays(dataset, "test")
+        self.real_domain = self.classifier.features(self.real)
+        self.inception = InceptionFeatures()
+        self.ref_stats, _ = reference_statistics(dataset, self.inception, ref_split="test", batch_size=20)
+        self.probe_train = pipeline.center_view_codes(data["train"], e["probe_train_images"])
+        self.probe_test = pipeline.center_view_codes(data["test"], e["probe_test_images"])
+        self.summary = {
+            "classifier_test_accuracy": self.classifier.class_accuracy(self.real, real_labels),
+            "reference_images": len(self.real),
+        }
+
+    def samples(self, samples_npz: str, inception: bool) -> dict:
+        """Class accuracy and domain FID of a sample set, and its Inception FID if ``inception``."""
+        from st_ar.eval.inception import compute_features
+        from st_ar.eval.metrics import feature_stats, frechet_distance
+
+        with np.load(samples_npz) as z:
+            images, labels = z["arr_0"], z["labels"]
+        ref_mu, ref_sigma = feature_stats(self.real_domain)
+        out = {
+            "samples": len(images),
+            "class_accuracy": self.classifier.class_accuracy(images, labels),
+            "domain_fid": frechet_distance(*feature_stats(self.classifier.features(images)), ref_mu, ref_sigma),
+        }
+        if inception:
+            feats = compute_features(self.inception, images, batch_size=20, desc="Inception, samples")["pool"]
+            out["fid"] = frechet_distance(*feature_stats(feats), self.ref_stats["mu"], self.ref_stats["sigma"])
+        return out
+
+    def probe(self, model_path: str) -> dict:
+        from st_ar.eval.probe import probe_curve
+        from st_ar.models.gpt import GPT
+
+        model = GPT.from_checkpoint(model_path).eval()
+        layer = model.config.n_layer // 2
+        curve = probe_curve(
+            model, self.probe_train, self.probe_test, layer=layer, epochs=self.probe_epochs, seed=self.seed
+        ).accuracy
+        return {"layer": layer, **{str(s): a for s, a in curve.items()}}
+
+
+_evaluators: dict[str, StudyEvaluator] = {}
+
+
+def evaluator(dataset: str, data: dict[str, str]) -> StudyEvaluator:
+    if dataset not in _evaluators:
+        _evaluators[dataset] = StudyEvaluator(dataset, data)
+    return _evaluators[dataset]
+
+
+# --------------------------------------------------------------------------------------------------
+# One run, point by point
+# --------------------------------------------------------------------------------------------------
+
+
+def data_of(dataset: str, work: str) -> dict[str, str]:
+    return prepare_data(dataset, work, study.CODES[dataset], study.CODES_NAME)
+
+
+def load_result(run: study.Run) -> dict | None:
+    if not os.path.isfile(run.result_path):
+        return None
+    with open(run.result_path) as f:
+        return json.load(f)
+
+
+def train_to(cfg, step: int, out: str) -> dict:
+    """Train (resuming) until ``step`` and return its compute: cumulative FLOPs and training seconds. A
+    checkpoint already past ``step`` whose export is gone is trained again from the start."""
+    from st_ar.models.loading import read_checkpoint
+    from st_ar.train.loop import checkpoint_path, export_folder
+    from st_ar.train.loop import train as train_run
+
+    folder = export_folder(cfg, step)
+    record = os.path.join(folder, "compute.json")
+    if os.path.isfile(record) and os.path.isfile(os.path.join(folder, "model.pt")):
+        with open(record) as f:
+            return json.load(f)
+    ckpt = checkpoint_path(cfg)
+    if os.path.isfile(ckpt) and read_checkpoint(ckpt)["step"] > step:
+        print(f"  the checkpoint is past step {step} and its export is gone: training again from the start")
+        shutil.rmtree(out)
+    summary = train_run(cfg, stop_at=step)
+    if summary["step"] != step:
+        raise KeyboardInterrupt  # Ctrl-C: the checkpoint is saved, the next call resumes
+    compute = {"step": step, "flops": summary["flops"], "train_seconds": round(summary["train_seconds"], 1)}
+    write_json_atomic(record, compute)
+    return compute
+
+
+def measure_point(run: study.Run, k: int, model: str, tokenizer: str, evaluate: StudyEvaluator) -> dict:
+    """Every metric of the weights ``model`` at point ``k`` (1-based) of ``run``."""
+    folder = os.path.dirname(model)
+    seed = 1000 * run.seed + k  # a fresh sampling seed at every point, the same for every method
+    t0 = time.perf_counter()
+    pipeline.sample_model(
+        model,
+        tokenizer,
+        os.path.join(folder, "samples"),
+        cfg_scale=1.0,
+        seed=seed,
+        desc=f"sampling, point {k}",
+        **study.SAMPLING,
+    )
+    unguided = evaluate.samples(os.path.join(folder, "samples", "samples.npz"), k in run.inception_points)
+    point = {"unguided": unguided, "probe": evaluate.probe(model)}
+    if run.final and k == study.POINTS:
+        guided = os.path.join(folder, "samples-guided")
+        pipeline.sample_model(
+            model, tokenizer, guided, cfg_scale=study.GUIDED_CFG, seed=seed, desc="sampling, guided", **study.SAMPLING
+        )
+        point["guided"] = {"cfg_scale": study.GUIDED_CFG, **evaluate.samples(os.path.join(guided, "samples.npz"), True)}
+    point["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    return point
+
+
+def execute(run: study.Run, work: str, on_point=None) -> dict:
+    """Train and measure ``run`` at every point it has no result for; the result after each point is
+    written (and handed to ``on_point``)."""
+    data = data_of(run.dataset, work)
+    out = os.path.join(work, run.dataset, "study", run.name)
+    cfg, points = study.schedule(run, data["train"], out)
+    result = load_result(run) or {
+        "run": run.key,
+        "method": run.method,
+        "seed": run.seed,
+        "final": run.final,
+        "settings": {k: v for k, v in zip(("objective", "teacher", "data"), study.METHODS[run.method])},
+        "steps": cfg.train.steps,
+        "point_steps": points,
+        "images_per_step": study.IMAGES_PER_STEP,
+        "ssl_until": cfg.objective.ssl_until,
+        "budget_flops": study.flops_after(cfg, cfg.train.steps),
+        "points": [],
+    }
+    if result["point_steps"] != points:
+        raise SystemExit(
+            f"{run.result_path} was measured on other steps {result['point_steps']} than {points}; "
+            "the budget changed: move the old result away"
+        )
+    evaluate = None
+    for k, step in enumerate(points, 1):
+        if len(result["points"]) >= k:
+            continue
+        print(f"[{run.key}] point {k}/{len(points)}: training to step {step} of {cfg.train.steps}", flush=True)
+        compute = train_to(cfg, step, out)
+        evaluate = evaluate or evaluator(run.dataset, data)
+        from st_ar.train.loop import export_folder
+
+        point = {
+            "point": k,
+            **compute,
+            **measure_point(run, k, os.path.join(export_folder(cfg, step), "model.pt"), data["tokenizer"], evaluate),
+        }
+        result["points"].append(point)
+        result.update(evaluation=evaluate.summary, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+        write_json_atomic(run.result_path, result)
+        u = point["unguided"]
+        fid = f", FID {u['fid']:.2f}" if "fid" in u else ""
+        print(
+            f"[{run.key}] point {k}: domain FID {u['domain_fid']:.2f}{fid}, class accuracy "
+            f"{100 * u['class_accuracy']:.1f}%, probe at step 8 {100 * point['probe']['8']:.1f}% "
+            f"({point['eval_seconds']:.0f} s to measure)",
+            flush=True,
+        )
+        if on_point:
+            on_point(run, k)
+    return result
+
+
+def is_done(run: study.Run) -> bool:
+    result = load_result(run)
+    return result is not None and len(result["points"]) == study.POINTS
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=os.path.join(study.ROOT, "runs", "compute"), help="checkpoints, codes, samples")
+    p.add_argument("--only", action="append", default=[], help="run keys (dataset/name) or prefixes to run")
+    p.add_argument("--list", action="store_true", help="list the runs and the points each has measured")
+    p.add_argument("--commit", action="store_true", help="git-commit each result file as it is rewritten")
+    p.add_argument("--report", action="store_true", help="write the compute section of docs/RESULTS.md")
+    args = p.parse_args(argv)
+
+    runs = [r for r in study.plan() if not args.only or any(r.key.startswith(o) for o in args.only)]
+    if args.list:
+        for r in runs:
+            result = load_result(r)
+            print(f"{len(result['points']) if result else 0}/{study.POINTS}  {r.key}")
+        return
+    if args.report:
+        from study_report import write_report  # benchmarks/study_report.py
+
+        write_report(study.plan())
+        return
+
+    def on_point(run: study.Run, k: int) -> None:
+        if args.commit:
+            commit([run.result_path], f"compute study: {run.key}, point {k}/{study.POINTS}")
+
+    todo = [r for r in runs if not is_done(r)]
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs are measured; {len(todo)} to go", flush=True)
+    for run in todo:
+        execute(run, args.work, on_point)
+
+
+if __name__ == "__main__":
+    main()
