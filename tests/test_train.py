@@ -157,6 +157,26 @@ def test_export_steps_keep_the_weights_of_those_steps_and_leave_the_run_unchange
         debug_cfg(mnist_codes, kept, "train.steps=4", "train.export_steps=[5]")
 
 
+def test_compiled_training_runs_student_teacher_and_losses_without_graph_breaks(mnist_codes, tmp_path):
+    from torch._dynamo.utils import counters
+
+    # dropout off: the compiled and eager runs draw their dropout masks differently
+    no_dropout = '{"vocab_size": 64, "block_size": 64, "num_classes": 10, "token_dropout_p": 0, '
+    args = ["train.steps=2", "model.args=" + no_dropout + '"resid_dropout_p": 0, "ffn_dropout_p": 0}']
+    eager = train(debug_cfg(mnist_codes, tmp_path / "eager", *args))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train(debug_cfg(mnist_codes, tmp_path / "compiled", *args, "train.compile=true"))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # student (masked, with hidden states), teacher (no head), AR, MIM, projector, L_step, L_view
+    assert counters["stats"]["unique_graphs"] == 7, dict(counters["stats"])
+    for k in ("loss/ar", "loss/mim", "loss/step", "loss/view"):
+        assert compiled["metrics"][k] == pytest.approx(eager["metrics"][k], rel=1e-4), k
+    a, b = read_checkpoint(tmp_path / "eager/model.pt"), read_checkpoint(tmp_path / "compiled/model.pt")
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-3, atol=1e-5)
+
+
 def test_metrics_after_a_resume_hold_each_step_once(mnist_codes, tmp_path):
     import shutil
 

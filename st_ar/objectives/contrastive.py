@@ -37,14 +37,23 @@ def _own_rows(B: int, offset: int, device) -> Tensor:
     return torch.arange(offset, offset + B, device=device)
 
 
+def _off_diagonal(rows: int, cols: int, device) -> tuple[Tensor, Tensor]:
+    """Row and column indices of the (r, c) pairs with r != c of a rows x cols grid (rows <= cols), in
+    row-major order: what a boolean ~eye mask selects, from arithmetic alone (no data-dependent
+    nonzero, so the losses compile as one graph)."""
+    pair = torch.arange(rows * (cols - 1), device=device)
+    r, c = pair // (cols - 1), pair % (cols - 1)
+    return r, c + (c >= r).long()
+
+
 def step_infonce(z: Tensor, t: Tensor, temperature: float, offset: int = 0) -> Tensor:
     B, M, K, _ = z.shape
     if K < 2:
         raise ValueError("L_step needs at least 2 sampled steps (K >= 2)")
     # logits[m, i, j, b, n] = <z[b, m, i], t[n, m, j]> / tau
     logits = torch.einsum("bmid,nmjd->mijbn", z.float(), t.float()) / temperature
-    off_diag = ~torch.eye(K, dtype=torch.bool, device=z.device)
-    logits = logits[:, off_diag]  # (M, K(K-1), B, N)
+    i, j = _off_diagonal(K, K, z.device)
+    logits = logits[:, i, j]  # (M, K(K-1), B, N)
     target = _own_rows(B, offset, z.device).expand(*logits.shape[:-1])
     return F.cross_entropy(logits.flatten(0, 2), target.flatten())
 
@@ -58,7 +67,7 @@ def view_infonce(z: Tensor, t: Tensor, temperature: float, offset: int = 0) -> T
         raise ValueError(f"L_view needs at least 2 views per image (M >= 2) and no more anchors' views, got {Ms}/{M}")
     # logits[m, p, k, b, n] = <z[b, m, k], t[n, p, k]> / tau
     logits = torch.einsum("bmkd,npkd->mpkbn", z.float(), t.float()) / temperature
-    off_diag = ~torch.eye(Ms, M, dtype=torch.bool, device=z.device)
-    logits = logits[off_diag]  # (Ms(M-1), K, B, N)
+    m, p = _off_diagonal(Ms, M, z.device)
+    logits = logits[m, p]  # (Ms(M-1), K, B, N)
     target = _own_rows(B, offset, z.device).expand(*logits.shape[:-1])
     return F.cross_entropy(logits.flatten(0, 2), target.flatten())

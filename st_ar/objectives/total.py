@@ -46,6 +46,23 @@ class STARObjective(nn.Module):
         self.projector = (
             Projector(dim, config.projector_hidden, dim, config.projector_layers) if config.contrastive else None
         )
+        # the losses as pure functions of tensors, so compile_losses can swap in compiled ones
+        self._ar, self._mim, self._step, self._view = ar_loss, mim_loss, step_infonce, view_infonce
+        self._project = self._project_eager
+
+    def compile_losses(self) -> None:
+        """torch.compile each loss (and the projector with its normalisation) as a whole graph: shapes are
+        fixed by the settings, so each compiles once (train.compile). The random draws (label dropout,
+        masks, contrasted positions) stay eager: they use the run's generators."""
+        self._ar, self._mim = torch.compile(ar_loss, dynamic=False), torch.compile(mim_loss, dynamic=False)
+        self._step = torch.compile(step_infonce, dynamic=False)
+        self._view = torch.compile(view_infonce, dynamic=False)
+        self._project = torch.compile(self._project_eager, dynamic=False)
+
+    def _project_eager(self, student_hidden: Tensor, teacher_hidden: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected student and plain teacher features at steps ``pos``, unit-normalised, fp32."""
+        z = F.normalize(self.projector(student_hidden[:, pos]).float(), dim=-1)
+        return z, F.normalize(teacher_hidden[:, pos].float(), dim=-1)
 
     def forward(
         self,
@@ -91,9 +108,9 @@ class STARObjective(nn.Module):
         out = student(inputs, labels, attn_mask=attn_mask, return_hidden=tuple(want))
         if ssl and cfg.ar_loss_on == "unmasked":
             unmasked = torch.ones(N, dtype=torch.bool, device=seqs.device).index_fill_(0, masked, False)
-            losses = {"ar": ar_loss(out.logits[unmasked], seqs[unmasked])}
+            losses = {"ar": self._ar(out.logits[unmasked], seqs[unmasked])}
         else:
-            losses = {"ar": ar_loss(out.logits, seqs)}
+            losses = {"ar": self._ar(out.logits, seqs)}
         total = losses["ar"]
         if not ssl:
             return total, losses
@@ -117,20 +134,19 @@ class STARObjective(nn.Module):
             if masked is not None:
                 s_last = s_last[masked]
                 t_last = t_last if masked_only else t_last[masked]
-            losses["mim"] = mim_loss(s_last, t_last)
+            losses["mim"] = self._mim(s_last, t_last)
             total = total + cfg.mim_weight * losses["mim"]
         if cfg.contrastive:
             pos = sample_steps(T, cfg.num_steps, generator=shared_generator or generator).to(seqs.device)  # (K,)
-            z = self.projector(out.hidden[self.layer][:, pos])  # (N, K, D)
-            z = F.normalize(z.float(), dim=-1).view(B, Ms, len(pos), -1)
-            t = F.normalize(t_out.hidden[self.layer][:, pos].float(), dim=-1).view(B, -1, len(pos), z.shape[-1])
+            z, t = self._project(out.hidden[self.layer], t_out.hidden[self.layer], pos)  # (N, K, D) each
+            z, t = z.view(B, Ms, len(pos), -1), t.view(B, -1, len(pos), z.shape[-1])
             t_all, offset = gather(t)  # (B or more, M or Ms, K, D)
             terms = []
             if cfg.step:
-                losses["step"] = step_infonce(z, t_all[:, :Ms], cfg.temperature, offset)
+                losses["step"] = self._step(z, t_all[:, :Ms], cfg.temperature, offset)
                 terms.append(losses["step"])
             if cfg.view:
-                losses["view"] = view_infonce(z, t_all, cfg.temperature, offset)
+                losses["view"] = self._view(z, t_all, cfg.temperature, offset)
                 terms.append(losses["view"])
             # beta * (L_step + L_view) / 2 as written in the paper; a switched-off term counts as 0
             total = total + cfg.contrastive_weight * sum(terms) / 2

@@ -101,6 +101,7 @@ class TrainState:
     ema_decay: Any  # step -> decay
     autocast: Any  # () -> context manager
     codes: dict[str, Any] | None = None  # identity of the training codes (codes_identity), checked on resume
+    run_teacher: nn.Module | None = None  # the teacher as run: compiled under train.compile
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -152,8 +153,11 @@ def build_state(
     teacher = build_teacher(student) if cfg.objective.needs_teacher else None
     bundle = StudentBundle(student, objective)
     student.activation_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.compile:
+    run_teacher = teacher
+    if cfg.train.compile:  # one graph each (tests/test_train.py checks there are no graph breaks)
         bundle.run_gpt = torch.compile(student)
+        run_teacher = torch.compile(teacher) if teacher is not None else None
+        objective.compile_losses()
     model: nn.Module = bundle
     if cfg.train.parallel == "fsdp":
         shard_model(bundle, student)  # in place: bundle now holds DTensor shards
@@ -176,7 +180,9 @@ def build_state(
     shared = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + 999)
     ema = ema_schedule(cfg.teacher.ema_schedule, cfg.teacher.ema_decay, cfg.train.steps, cfg.teacher.ema_start)
     codes = codes_identity(codes_meta) if codes_meta is not None else None
-    return TrainState(cfg, dist_info, bundle, model, teacher, optimizer, generator, shared, ema, autocast, codes)
+    return TrainState(
+        cfg, dist_info, bundle, model, teacher, optimizer, generator, shared, ema, autocast, codes, run_teacher
+    )
 
 
 def build_loader(cfg: RunConfig, dist_info: DistInfo, dataset: CodesDataset) -> tuple[DataLoader, StepBatches]:
@@ -238,8 +244,9 @@ def train_step(
         sync = i == n - 1 or not isinstance(state.model, DDP)
         with contextlib.nullcontext() if sync else state.model.no_sync():
             with state.autocast():
+                teacher = state.run_teacher if state.run_teacher is not None else state.teacher
                 total, losses = state.model(
-                    state.teacher, tokens, labels, state.generator, state.shared_generator, gather, ssl
+                    teacher, tokens, labels, state.generator, state.shared_generator, gather, ssl
                 )
             (total / n).backward()
         for k, v in {"total": total, **losses}.items():
