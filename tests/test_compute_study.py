@@ -91,3 +91,59 @@ def test_a_point_is_trained_once_and_a_lost_export_is_trained_again_identically(
     assert all(torch.equal(redone[k], v) for k, v in weights.items())
     with open(os.path.join(export_folder(cfg, points[1]), "compute.json")) as f:
         assert json.load(f)["step"] == points[1]
+
+
+def _fake_result(run, fids, probe8):
+    """A finished run whose Inception FID is ``fids[k]`` at point k + 1 (None: not measured there)."""
+    budget = 8e12
+    points = []
+    for k in range(1, study.POINTS + 1):
+        unguided = {"samples": 2000, "class_accuracy": 0.5, "domain_fid": 2 * fids[-1] + 16 - 2 * k}
+        if fids[k - 1] is not None:
+            unguided["fid"] = fids[k - 1]
+        probe = {"layer": 2, "8": probe8, "64": probe8 + 0.1}
+        point = {"point": k, "step": 100 * k, "flops": budget * k / study.POINTS, "train_seconds": 10.0 * k}
+        points.append({**point, "unguided": unguided, "probe": probe})
+    return {
+        "run": run.key,
+        "method": run.method,
+        "seed": run.seed,
+        "final": run.final,
+        "steps": 800,
+        "budget_flops": budget,
+        "points": points,
+    }
+
+
+def test_report_gives_speedup_spread_and_flatness(tmp_path, monkeypatch):
+    import study_report
+
+    monkeypatch.setattr(study_report, "DOC", str(tmp_path / "RESULTS.md"))
+    monkeypatch.setattr(study_report, "FIGURES", str(tmp_path / "results"))
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path / "compute"))
+    (tmp_path / "RESULTS.md").write_text(f"intro\n{study_report.START}\nold\n{study_report.END}\noutro\n")
+    runs = study.plan()
+    wanted = {
+        # the baseline falls to 40 at the end (and 41 at 6/8: 2.4% over the last quarter)
+        ("baseline", 0): [None, None, None, 50.0, None, None, None, 40.0],
+        ("baseline", 1): [80.0, 60.0, 45.0, 42.0, 41.0, 41.0, 40.5, 40.0],
+        ("baseline", 2): [80.0, 60.0, 45.0, 42.0, 41.0, 41.0, 40.5, 40.0],
+        # ST-AR reaches 40 halfway between points 4 (44) and 5 (36): 4.5/8 of the budget
+        ("star-best", 1): [70.0, 50.0, 46.0, 44.0, 36.0, 35.0, 34.0, 33.0],
+        ("star-best", 2): [70.0, 50.0, 46.0, 44.0, 36.0, 35.0, 34.0, 31.0],
+    }
+    for run in runs:
+        if run.dataset == study.MAIN and (run.method, run.seed) in wanted:
+            os.makedirs(os.path.dirname(run.result_path), exist_ok=True)
+            with open(run.result_path, "w") as f:
+                json.dump(_fake_result(run, wanted[run.method, run.seed], 0.6), f)
+    study_report.write_report(runs)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| star-best | 2 | 0.56x the budget |" in text  # the mean curve: 40 between 44 and 35.5
+    assert "| baseline | 1, 2 | 40.0 ± 0.0 |" in text
+    assert "| star-best | 1, 2 | 32.0 ± 1.4 |" in text  # sample standard deviation
+    assert "(+2.4%)" in text
+    assert "| star-paper | not run yet |" in text
+    for kind in ("fid", "probe"):
+        assert (tmp_path / "results" / f"compute-{kind}-{study.MAIN}.png").stat().st_size > 1000

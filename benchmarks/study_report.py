@@ -1,0 +1,270 @@
+"""The compute section of docs/RESULTS.md from the compute study's result files (benchmarks/study.py).
+
+Everything between the ``<!-- compute:start -->`` and ``<!-- compute:end -->`` markers is rewritten (the
+discussion around them is written by hand), with two figures: docs/results/compute-fid.png (Inception
+and domain FID against training compute) and docs/results/compute-probe.png (the probe at step 8 and at
+the last step against compute). Every method is one line; where a method has several seeds the line is
+their mean and the band their range.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import study
+
+DOC = os.path.join(study.ROOT, "docs", "RESULTS.md")
+FIGURES = os.path.join(study.ROOT, "docs", "results")
+START, END = "<!-- compute:start -->", "<!-- compute:end -->"
+
+
+def load(runs) -> dict[str, dict]:
+    results = {}
+    for run in runs:
+        if os.path.isfile(run.result_path):
+            with open(run.result_path) as f:
+                results[run.key] = json.load(f)
+    return results
+
+
+def metric(point: dict, name: str) -> float | None:
+    """One number of a point: fid, domain_fid, class_accuracy (unguided), probe8 / probe_last, or guided_*."""
+    if name.startswith("probe"):
+        probe = {int(k): v for k, v in point["probe"].items() if k != "layer"}
+        return probe[8] if name == "probe8" else probe[max(probe)]
+    if name.startswith("guided_"):
+        return point.get("guided", {}).get(name[len("guided_") :])
+    return point["unguided"].get(name)
+
+
+def method_runs(results: dict[str, dict], dataset: str, method: str, final_only: bool = False) -> list[dict]:
+    return [
+        r
+        for k, r in sorted(results.items())
+        if k.startswith(f"{dataset}/") and r["method"] == method and (r["final"] or not final_only)
+    ]
+
+
+def mean_curve(runs: list[dict], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Compute, mean, min and max over the runs, at the points every run has measured."""
+    curves = [dict(zip(*(a.tolist() for a in _point_curve(r, name)))) for r in runs]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    x = np.array([np.mean([_flops_at(r, k) for r in runs]) for k in common])
+    v = np.array([[c[k] for k in common] for c in curves]) if common else np.zeros((0, 0))
+    if not common:
+        return x, x, x, x
+    return x, v.mean(0), v.min(0), v.max(0)
+
+
+def _point_curve(result: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(point numbers, values) of the points that have ``name``."""
+    pairs = [(p["point"], metric(p, name)) for p in result["points"]]
+    pairs = [(k, v) for k, v in pairs if v is not None]
+    return np.array([k for k, _ in pairs]), np.array([v for _, v in pairs])
+
+
+def _flops_at(result: dict, k: int) -> float:
+    return next(p["flops"] for p in result["points"] if p["point"] == k)
+
+
+def reach(x: np.ndarray, y: np.ndarray, target: float) -> float | None:
+    """The first compute at which a falling curve reaches ``target`` (linear between points), or None."""
+    for i in range(len(x)):
+        if y[i] <= target:
+            if i == 0:
+                return float(x[0])
+            frac = (y[i - 1] - target) / (y[i - 1] - y[i])
+            return float(x[i - 1] + frac * (x[i] - x[i - 1]))
+    return None
+
+
+def _fmt(values: list[float], fmt: str, scale: float = 1.0) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(float(np.mean(values)), fmt)} ± {format(float(np.std(values, ddof=1)), fmt)}"
+
+
+def _last(result: dict, name: str) -> float | None:
+    return metric(result["points"][-1], name) if len(result["points"]) == study.POINTS else None
+
+
+def _at_half(result: dict, name: str) -> float | None:
+    half = [p for p in result["points"] if p["point"] == study.POINTS // 2]
+    return metric(half[0], name) if half else None
+
+
+def screen_table(results: dict[str, dict], dataset: str) -> list[str]:
+    base = method_runs(results, dataset, "baseline")
+    base_cost = base[0]["budget_flops"] / base[0]["steps"] if base else None
+    lines = [
+        "| method | steps | FLOPs per step vs baseline | s per step | FID (half / all) | domain FID (half / all) "
+        "| class acc. | probe step 8 | probe last step | points |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in study.METHODS:
+        runs = [r for r in method_runs(results, dataset, method) if r["seed"] == study.SCREEN_SEED]
+        if not runs:
+            lines.append(f"| {method} | not run yet | | | | | | | | 0/{study.POINTS} |")
+            continue
+        r = runs[0]
+        done = r["points"][-1]
+        cost = f"{r['budget_flops'] / r['steps'] / base_cost:.2f}" if base_cost else "-"
+        seconds = done["train_seconds"] / done["step"]
+        lines.append(
+            f"| {method} | {r['steps']} | {cost} | {seconds:.3f} "
+            f"| {_fmt([_at_half(r, 'fid')], '.1f')} / {_fmt([_last(r, 'fid')], '.1f')} "
+            f"| {_fmt([_at_half(r, 'domain_fid')], '.1f')} / {_fmt([_last(r, 'domain_fid')], '.1f')} "
+            f"| {_fmt([_last(r, 'class_accuracy')], '.1f', 100)}% | {_fmt([_last(r, 'probe8')], '.1f', 100)}% "
+            f"| {_fmt([_last(r, 'probe_last')], '.1f', 100)}% | {len(r['points'])}/{study.POINTS} |"
+        )
+    return lines
+
+
+def final_table(results: dict[str, dict], dataset: str) -> list[str]:
+    lines = [
+        "| method | seeds | FID | domain FID | class acc. | probe step 8 | probe last step | guided FID "
+        "| guided class acc. |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in study.FINAL_METHODS:
+        runs = [r for r in method_runs(results, dataset, method, final_only=True) if len(r["points"]) == study.POINTS]
+        if not runs:
+            lines.append(f"| {method} | none finished yet | | | | | | | |")
+            continue
+        cells = [
+            _fmt([_last(r, "fid") for r in runs], ".1f"),
+            _fmt([_last(r, "domain_fid") for r in runs], ".1f"),
+            _fmt([_last(r, "class_accuracy") for r in runs], ".1f", 100) + "%",
+            _fmt([_last(r, "probe8") for r in runs], ".1f", 100) + "%",
+            _fmt([_last(r, "probe_last") for r in runs], ".1f", 100) + "%",
+            _fmt([_last(r, "guided_fid") for r in runs], ".1f"),
+            _fmt([_last(r, "guided_class_accuracy") for r in runs], ".1f", 100) + "%",
+        ]
+        lines.append(f"| {method} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def speedup_table(results: dict[str, dict], dataset: str) -> list[str]:
+    """The compute each method needs to reach the baseline's final FID, as a fraction of the budget."""
+    base = [r for r in method_runs(results, dataset, "baseline") if len(r["points"]) == study.POINTS]
+    if not base:
+        return ["(no finished baseline yet)"]
+    lines = [
+        "| method | runs | reaches the baseline's final FID at | reaches its final domain FID at |",
+        "|---|---|---|---|",
+    ]
+    for method in study.METHODS:
+        runs = [r for r in method_runs(results, dataset, method) if len(r["points"]) == study.POINTS]
+        if not runs:
+            continue
+        cells = []
+        for name in ("fid", "domain_fid"):
+            target = float(np.mean([_last(r, name) for r in base]))
+            x, y, _, _ = mean_curve(runs, name)
+            hit = reach(x, y, target) if len(x) else None
+            budget = runs[0]["budget_flops"]
+            cells.append(f"{hit / budget:.2f}x the budget" if hit is not None else "not within the budget")
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def flatness(results: dict[str, dict], dataset: str) -> list[str]:
+    """How much the baseline's FIDs still fell over the last quarter of its budget (the criterion: < 2%)."""
+    lines = []
+    for r in method_runs(results, dataset, "baseline"):
+        if len(r["points"]) < study.POINTS:
+            continue
+        parts = []
+        for name, label in (("fid", "FID"), ("domain_fid", "domain FID")):
+            k, v = _point_curve(r, name)
+            q = dict(zip(k.tolist(), v.tolist()))
+            start = 3 * study.POINTS // 4
+            if start in q and study.POINTS in q:
+                change = (q[start] - q[study.POINTS]) / q[start]
+                parts.append(f"{label} {q[start]:.1f} -> {q[study.POINTS]:.1f} ({100 * change:+.1f}%)")
+        if parts:
+            lines.append(f"- {r['run']}: over the last quarter, " + "; ".join(parts))
+    return lines
+
+
+def figure(results: dict[str, dict], dataset: str, names: list[tuple[str, str]], path: str, scale: float = 1.0) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2))
+    drawn = False
+    for ax, (name, label) in zip(np.atleast_1d(axes), names):
+        for method in study.METHODS:
+            runs = [r for r in method_runs(results, dataset, method) if r["points"]]
+            if not runs:
+                continue
+            x, mean, lo, hi = mean_curve(runs, name)
+            if not len(x):
+                continue
+            drawn = True
+            line = ax.plot(x / 1e15, mean * scale, marker="o", ms=3, label=f"{method} ({len(runs)})")[0]
+            if len(runs) > 1:
+                ax.fill_between(x / 1e15, lo * scale, hi * scale, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("training compute (PFLOP, analytic)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if drawn:
+        np.atleast_1d(axes)[0].legend(fontsize=7)
+        fig.suptitle(f"{dataset}: every method at equal compute (line: mean over seeds, band: range)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def write_report(runs) -> None:
+    results = load(runs)
+    os.makedirs(FIGURES, exist_ok=True)
+    parts = [START, ""]
+    for dataset in (study.MAIN, study.SECOND):
+        if not any(k.startswith(f"{dataset}/") for k in results):
+            continue
+        fid_png, probe_png = (os.path.join(FIGURES, f"compute-{kind}-{dataset}.png") for kind in ("fid", "probe"))
+        parts += [f"### {dataset}", ""]
+        if dataset == study.MAIN:
+            parts += [
+                f"Screen (seed {study.SCREEN_SEED}, every method at the baseline's {study.BUDGET_STEPS} steps "
+                "of compute):",
+                "",
+                *screen_table(results, dataset),
+                "",
+            ]
+        parts += [
+            "Final runs at equal compute (mean ± standard deviation over seeds):",
+            "",
+            *final_table(results, dataset),
+            "",
+        ]
+        parts += [
+            "Compute needed to reach the baseline's final figure (mean curve over seeds):",
+            "",
+            *speedup_table(results, dataset),
+            "",
+        ]
+        parts += [*flatness(results, dataset), ""]
+        if figure(results, dataset, [("fid", "Inception FID"), ("domain_fid", "domain FID")], fid_png):
+            parts += [f"![FID against compute](results/{os.path.basename(fid_png)})", ""]
+        names = [("probe8", "probe accuracy at step 8 (%)"), ("probe_last", "probe accuracy at the last step (%)")]
+        if figure(results, dataset, names, probe_png, scale=100):
+            parts += [f"![probe against compute](results/{os.path.basename(probe_png)})", ""]
+    parts.append(END)
+    with open(DOC) as f:
+        page = f.read()
+    if START not in page or END not in page:
+        raise ValueError(f"{DOC} lacks the {START} / {END} markers")
+    head, rest = page.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    with open(DOC, "w") as f:
+        f.write(head + "\n".join(parts) + tail)
