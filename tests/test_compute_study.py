@@ -82,6 +82,8 @@ def test_a_point_is_trained_once_and_a_lost_export_is_trained_again_identically(
     first = compute_study.train_to(cfg, points[1], out)
     assert first["step"] == points[1] and first["flops"] == pytest.approx(study.flops_after(cfg, points[1]))
     assert compute_study.train_to(cfg, points[1], out) == first  # measured already: nothing trains
+    os.remove(os.path.join(export_folder(cfg, points[1]), "compute.json"))  # stopped before the record
+    assert compute_study.train_to(cfg, points[1], out) == first  # read back from the checkpoint
     weights = read_checkpoint(os.path.join(export_folder(cfg, points[1]), "model.pt"))["model"]
     compute_study.train_to(cfg, points[3], out)
     os.remove(os.path.join(export_folder(cfg, points[1]), "model.pt"))  # the export is lost, the run is past it
