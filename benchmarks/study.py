@@ -191,5 +191,7 @@ def plan() -> list[Run]:
     return runs
 
 
-# chosen from the screen's results before any final run starts (docs/RESULTS.md says why)
+# Chosen from the screen by a rule fixed before it ran: the baseline; the ST-AR method with the lowest
+# Inception FID at the end of the screen; and the runner-up too if its FID is also below the screen
+# baseline's. Set once the screen is complete, before any final run starts.
 FINAL_METHODS = ("baseline", "star-best")
