@@ -102,7 +102,7 @@ def screen_table(results: dict[str, dict], dataset: str) -> list[str]:
     base = method_runs(results, dataset, "baseline")
     base_cost = base[0]["budget_flops"] / base[0]["steps"] if base else None
     lines = [
-        "| method | steps | FLOPs per step vs baseline | s per step | FID (half / all) | domain FID (half / all) "
+        "| method | steps | FLOPs per image vs baseline | s per step | FID (half / all) | domain FID (half / all) "
         "| class acc. | probe step 8 | probe last step | points |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
