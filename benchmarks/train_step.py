@@ -14,6 +14,7 @@ the cost of an epoch is the cost per image: about twice the per-sequence ratio. 
     python benchmarks/train_step.py --models GPT-B --variants all   # every objective variant, cost per image
     python benchmarks/train_step.py --models GPT-B --variants open  # the variants the paper leaves open
     python benchmarks/train_step.py --set train.compile=true --json out.json
+    python benchmarks/train_step.py --models GPT-B --sequences 4 --precisions fp32 --compare-compile
 
 Variants (``--variants``, comma-separated, or ``paper`` / ``all`` / ``open``): baseline; ar2 (AR alone on two
 views: what the second view costs); mim, step, view, mim+step, mim+view, step+view; star (all three). ``paper``
@@ -281,6 +282,38 @@ def bench(
     return rows
 
 
+def compile_gain(
+    model: str,
+    sequences: int,
+    precision: str,
+    repeats: int,
+    device: torch.device,
+    block_size: int,
+    variants: list[str],
+    overrides: list[str] = (),
+) -> list[str]:
+    """train.compile=false and =true for each variant, steps alternated in one process (noise hits both
+    alike); one table line per variant: eager and compiled s/step, the gain, and the first compiled step
+    (which compiles the student, the teacher and the losses)."""
+    states = {}
+    for name in variants:
+        for compiled in (False, True):
+            extra = [*overrides, f"train.compile={'true' if compiled else 'false'}"]
+            states[name, compiled] = make_state(model, name, sequences, precision, device, block_size, extra)
+    times: dict = {key: [] for key in states}
+    for _ in range(repeats + 1):  # the first round warms up and compiles
+        for key, (state, batch) in states.items():
+            times[key].append(time_step(state, batch, device, TIMED_AT.get(key[0], 0)))
+    lines = []
+    for name in variants:
+        eager, compiled = min(times[name, False][1:]), min(times[name, True][1:])
+        lines.append(
+            f"| {model} | {precision} | {name} | {sequences} | {eager:.3f} | {compiled:.3f} | {eager / compiled:.2f} "
+            f"| {times[name, True][0]:.0f} |"
+        )
+    return lines
+
+
 def pair_line(rows: list[dict], device: torch.device) -> str | None:
     """The original baseline-vs-ST-AR line (its columns are unchanged)."""
     by = {r["variant"]: r for r in rows}
@@ -327,6 +360,9 @@ def main() -> None:
         help="a run-config override for every case, e.g. train.compile=true (repeatable)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument(
+        "--compare-compile", action="store_true", help="time each case eager and with train.compile=true, alternated"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the rows and the peaks as JSON (rewritten per row)")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: measure one case in this process
     args = p.parse_args()
@@ -355,6 +391,18 @@ def main() -> None:
         "peaks": peaks,
         "rows": [],
     }
+    if args.compare_compile:
+        print(
+            "| model | precision | variant | sequences | eager s/step | compiled s/step | gain | first compiled s |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for model in args.models.split(","):
+            for precision in precisions:
+                lines = compile_gain(
+                    model, args.sequences, precision, args.repeats, device, args.block_size, variants, args.set
+                )
+                print("\n".join(lines), flush=True)
+        return
     all_rows: list[dict] = []
     pairs = {"baseline", "star"} <= set(variants)
     if pairs:
