@@ -17,6 +17,7 @@ Measures, in one process and one run (so the figures can be compared with each o
 
     python benchmarks/sample_speed.py                        # GPT-B and GPT-S, 4 images, 256 tokens
     python benchmarks/sample_speed.py --models GPT-S --tokens 64
+    python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-compile --int8   # weight-only int8
     python benchmarks/sample_speed.py --device cuda --no-recompute   # on a GPU
 """
 
@@ -145,6 +146,7 @@ def bench(
     device: str = "cpu",
     compile: bool = True,
     bandwidth: float | None = None,
+    int8: bool = False,
 ) -> list[str]:
     rows = 2 * images if cfg != 1.0 else images
     classes = torch.arange(images, device=device)
@@ -202,7 +204,33 @@ def bench(
     lines.append(
         f"| {name} | bf16 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, {forced:.1%} teacher-forced |"
     )
+    if int8:
+        lines += int8_route(name, classes, num_tokens, cfg, results[("fp32", False)], bandwidth)
     return lines
+
+
+def int8_route(name, classes, num_tokens, cfg, fp32_seconds, bandwidth) -> list[str]:
+    """Weight-only int8 block weights (models/quantize.py), eager KV-cache decode, against the fp32 model
+    (fresh: the bf16 routes rounded the other one's weights)."""
+    from st_ar.models.quantize import quantize_int8_weights
+
+    model = random_model(name, device=str(classes.device))
+    int8 = quantize_int8_weights(random_model(name, device=str(classes.device)))
+    gen = torch.Generator(classes.device).manual_seed(0)
+    seconds = timed(lambda: generate(int8, classes, num_tokens=num_tokens, cfg_scale=cfg, generator=gen), repeats=2)
+    ms = seconds / num_tokens * 1e3
+    note = [f"{fp32_seconds / seconds:.2f}x the speed of fp32"]
+    if bandwidth:
+        weights = decode_bytes(int8, len(classes), num_tokens)[0]  # the fp32 parameters left
+        weights += sum(b.numel() * b.element_size() for n, b in int8.named_buffers() if n.endswith(("_int8", "scales")))
+        note.append(f"bandwidth floor {weights / bandwidth * 1e3:.1f} ms ({weights / 1e6:.0f} MB weights)")
+    free, forced = greedy_agreement(model, int8, classes, num_tokens, cfg)
+    return [
+        f"| {name} | KV cache, int8 block weights | {ms:.1f} | {classes.numel() * num_tokens / seconds:.0f} "
+        f"| {'; '.join(note)} |",
+        f"| {name} | int8 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, "
+        f"{forced:.1%} teacher-forced |",
+    ]
 
 
 def main() -> None:
@@ -216,6 +244,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled static decode routes")
     p.add_argument("--no-recompute", action="store_true", help="skip the recomputation comparison")
+    p.add_argument("--int8", action="store_true", help="also weight-only int8 block weights (opt-in route)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,6 +267,7 @@ def main() -> None:
             device=args.device,
             compile=not args.no_compile,
             bandwidth=bandwidth,
+            int8=args.int8,
         ):
             print(line, flush=True)
 

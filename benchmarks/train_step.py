@@ -392,9 +392,7 @@ def main() -> None:
         "rows": [],
     }
     if args.compare_compile:
-        print(
-            "| model | precision | variant | sequences | eager s/step | compiled s/step | gain | first compiled s |"
-        )
+        print("| model | precision | variant | sequences | eager s/step | compiled s/step | gain | first compiled s |")
         print("|---|---|---|---|---|---|---|---|")
         for model in args.models.split(","):
             for precision in precisions:
