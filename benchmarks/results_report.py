@@ -215,13 +215,19 @@ def write_results(runs) -> None:
     combined += [("ST-AR, both", seeds("mask0.15-ema-fast")), ("baseline, equal compute", seeds("baseline-ec"))]
     body += sweep_table(results, "fashion-mnist", combined, "run") + ["", END]
 
-    text = open(DOC).read() if os.path.isfile(DOC) else f"# Results\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        raise ValueError(f"{DOC} lacks the {START} / {END} markers")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    atomic_write(DOC, lambda f: f.write(head + "\n".join(body) + tail), binary=False)
+    replace_between(DOC, START, END, body)
     print(f"wrote {DOC} ({len(results)} results)")
+
+
+def replace_between(doc: str, start: str, end: str, lines: list[str]) -> None:
+    """Rewrite the part of ``doc`` from marker ``start`` to marker ``end`` with ``lines`` (which hold both
+    markers); the hand-written text around them stays."""
+    text = open(doc).read() if os.path.isfile(doc) else f"# Results\n\n{start}\n{end}\n"
+    if start not in text or end not in text:
+        raise ValueError(f"{doc} lacks the {start} / {end} markers")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write(doc, lambda f: f.write(head + "\n".join(lines) + tail), binary=False)
 
 
 if __name__ == "__main__":

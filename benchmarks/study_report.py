@@ -9,24 +9,15 @@ their mean and the band their range.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import study
+from results_report import load, replace_between  # benchmarks/results_report.py: the ablation's report
 
 DOC = os.path.join(study.ROOT, "docs", "RESULTS.md")
 FIGURES = os.path.join(study.ROOT, "docs", "results")
 START, END = "<!-- compute:start -->", "<!-- compute:end -->"
-
-
-def load(runs) -> dict[str, dict]:
-    results = {}
-    for run in runs:
-        if os.path.isfile(run.result_path):
-            with open(run.result_path) as f:
-                results[run.key] = json.load(f)
-    return results
 
 
 def metric(point: dict, name: str) -> float | None:
@@ -260,11 +251,5 @@ def write_report(runs) -> None:
         if figure(results, dataset, names, probe_png, scale=100):
             parts += [f"![probe against compute](results/{os.path.basename(probe_png)})", ""]
     parts.append(END)
-    with open(DOC) as f:
-        page = f.read()
-    if START not in page or END not in page:
-        raise ValueError(f"{DOC} lacks the {START} / {END} markers")
-    head, rest = page.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    with open(DOC, "w") as f:
-        f.write(head + "\n".join(parts) + tail)
+    replace_between(DOC, START, END, parts)
+    print(f"wrote {DOC} ({len(results)} results)")

