@@ -17,7 +17,7 @@ Measures, in one process and one run (so the figures can be compared with each o
 
     python benchmarks/sample_speed.py                        # GPT-B and GPT-S, 4 images, 256 tokens
     python benchmarks/sample_speed.py --models GPT-S --tokens 64
-    python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-compile --int8   # weight-only int8
+    python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-compile --no-bf16 --int8   # int8
     python benchmarks/sample_speed.py --device cuda --no-recompute   # on a GPU
 """
 
@@ -147,6 +147,7 @@ def bench(
     compile: bool = True,
     bandwidth: float | None = None,
     int8: bool = False,
+    bf16: bool = True,
 ) -> list[str]:
     rows = 2 * images if cfg != 1.0 else images
     classes = torch.arange(images, device=device)
@@ -156,7 +157,7 @@ def bench(
     results = {}
     # fp32 routes first: the cast to bf16 rounds the weights for good
     routes = [(label, dtype, c) for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for c in (0, 1)]
-    routes = [r for r in routes if compile or not r[2]]
+    routes = [r for r in routes if (compile or not r[2]) and (bf16 or r[0] != "bf16")]
     for label, dtype, compiled in routes:
         m = model.to(dtype)
         gen = torch.Generator(device).manual_seed(0)
@@ -199,11 +200,13 @@ def bench(
             f"| {name} | step at {prefix} tokens: recompute vs cache | {full:.0f} vs {cached:.1f} | | "
             f"cache {full / cached:.0f}x faster |"
         )
-    bf16 = random_model(name, device=device).to(torch.bfloat16)
-    free, forced = greedy_agreement(model, bf16, classes, num_tokens, cfg)
-    lines.append(
-        f"| {name} | bf16 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, {forced:.1%} teacher-forced |"
-    )
+    if bf16:
+        half = random_model(name, device=device).to(torch.bfloat16)
+        free, forced = greedy_agreement(model, half, classes, num_tokens, cfg)
+        lines.append(
+            f"| {name} | bf16 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, "
+            f"{forced:.1%} teacher-forced |"
+        )
     if int8:
         lines += int8_route(name, classes, num_tokens, cfg, results[("fp32", False)], bandwidth)
     return lines
@@ -245,6 +248,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled static decode routes")
     p.add_argument("--no-recompute", action="store_true", help="skip the recomputation comparison")
     p.add_argument("--int8", action="store_true", help="also weight-only int8 block weights (opt-in route)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 routes (slow where bf16 has no fast kernels)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,6 +272,7 @@ def main() -> None:
             compile=not args.no_compile,
             bandwidth=bandwidth,
             int8=args.int8,
+            bf16=not args.no_bf16,
         ):
             print(line, flush=True)
 
