@@ -46,6 +46,7 @@ class StudyEvaluator:
         from st_ar.eval.domain import DomainClassifier, dataset_arrays
         from st_ar.eval.fid import reference_statistics
         from st_ar.eval.inception import InceptionFeatures
+        from st_ar.eval.metrics import feature_stats
 
         e = study.EVALUATION
         self.seed, self.probe_epochs = e["seed"], e["probe_epochs"]
@@ -53,7 +54,7 @@ class StudyEvaluator:
             dataset, epochs=e["classifier_epochs"], max_images=e["classifier_images"], seed=e["seed"]
         )
         self.real, real_labels, _ = dataset_arrays(dataset, "test")
-        self.real_domain = self.classifier.features(self.real)
+        self.real_domain = feature_stats(self.classifier.features(self.real))  # (mu, sigma), once
         self.inception = InceptionFeatures()
         self.ref_stats, _ = reference_statistics(dataset, self.inception, ref_split="test", batch_size=20)
         self.probe_train = pipeline.center_view_codes(data["train"], e["probe_train_images"])
@@ -70,11 +71,10 @@ class StudyEvaluator:
 
         with np.load(samples_npz) as z:
             images, labels = z["arr_0"], z["labels"]
-        ref_mu, ref_sigma = feature_stats(self.real_domain)
         out = {
             "samples": len(images),
             "class_accuracy": self.classifier.class_accuracy(images, labels),
-            "domain_fid": frechet_distance(*feature_stats(self.classifier.features(images)), ref_mu, ref_sigma),
+            "domain_fid": frechet_distance(*feature_stats(self.classifier.features(images)), *self.real_domain),
         }
         if inception:
             feats = compute_features(self.inception, images, batch_size=20, desc="Inception, samples")["pool"]
