@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", action="store_true", help="write the compute section of docs/RESULTS.md")
     args = p.parse_args(argv)
 
-    runs = [r for r in study.plan() if not args.only or any(r.key.startswith(o) for o in args.only)]
+    def selected() -> list[study.Run]:  # planned again after every run: the screen's end adds the finals
+        return [r for r in study.plan() if not args.only or any(r.key.startswith(o) for o in args.only)]
+
+    runs = selected()
     if args.list:
         for r in runs:
             result = load_result(r)
@@ -262,10 +265,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.commit:
             commit([run.result_path], f"compute study: {run.key}, point {k}/{study.POINTS}")
 
-    todo = [r for r in runs if not is_done(r)]
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs are measured; {len(todo)} to go", flush=True)
-    for run in todo:
-        execute(run, args.work, on_point)
+    chosen = study.final_methods()
+    while True:
+        todo = [r for r in runs if not is_done(r)]
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs are measured; {len(todo)} to go", flush=True)
+        if not todo:
+            break
+        execute(todo[0], args.work, on_point)
+        runs = selected()
+        if chosen is None and study.final_methods() is not None:
+            chosen = study.final_methods()
+            print(f"the screen is complete; the final runs, by the rule: {', '.join(chosen)}", flush=True)
+    if chosen is None:
+        print("the final runs wait for the screen: they are chosen from its last points", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,12 +117,15 @@ def screen_table(results: dict[str, dict], dataset: str) -> list[str]:
 
 
 def final_table(results: dict[str, dict], dataset: str) -> list[str]:
+    chosen = study.final_methods()
+    if chosen is None:
+        return ["Not chosen yet: the rule above picks the final runs' methods once the screen is complete."]
     lines = [
         "| method | seeds | FID | domain FID | class acc. | probe step 8 | probe last step | guided FID "
         "| guided class acc. |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in study.FINAL_METHODS:
+    for method in chosen:
         runs = [r for r in method_runs(results, dataset, method, final_only=True) if len(r["points"]) == study.POINTS]
         if not runs:
             lines.append(f"| {method} | none finished yet | | | | | | | |")

@@ -39,7 +39,30 @@ def test_every_method_gets_the_baseline_budget_split_in_eighths(tiny_codes, tmp_
     assert same.data.same_orientation_views and not best.data.same_orientation_views
 
 
-def test_plan_screens_every_method_then_runs_the_finals_on_new_seeds():
+def _write_screen(fids: dict[str, float]) -> None:
+    """Finished screening runs whose last Inception FID is ``fids[method]``."""
+    for method, fid in fids.items():
+        run = study.Run(study.MAIN, method, study.SCREEN_SEED)
+        os.makedirs(os.path.dirname(run.result_path), exist_ok=True)
+        with open(run.result_path, "w") as f:
+            json.dump(_fake_result(run, [None] * (study.POINTS - 1) + [fid], 0.6), f)
+
+
+def test_the_finals_wait_for_the_screen_then_follow_the_rule(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path / "compute"))
+    fids = {m: 50.0 + i for i, m in enumerate(study.METHODS)}  # baseline 50, star-paper 51, ...
+    _write_screen({m: f for m, f in fids.items() if m != "star-best"})
+    assert study.final_methods() is None and all(not r.final for r in study.plan())
+    _write_screen({"star-best": 40.0})  # the best; the runner-up (star-paper, 51) is above the baseline
+    assert study.final_methods() == ("baseline", "star-best")
+    _write_screen({"star-ssl-half": 45.0})  # a runner-up below the baseline joins
+    assert study.final_methods() == ("baseline", "star-best", "star-ssl-half")
+    mnist = {r.method for r in study.plan() if r.dataset == study.SECOND}
+    assert mnist == {"baseline", "star-best"}  # the main pair only
+
+
+def test_plan_screens_every_method_then_runs_the_finals_on_new_seeds(monkeypatch):
+    monkeypatch.setattr(study, "final_methods", lambda: ("baseline", "star-best"))
     runs = study.plan()
     assert len({r.key for r in runs}) == len(runs)
     screen = [r for r in runs if not r.final]
@@ -100,6 +123,8 @@ def _fake_result(run, fids, probe8):
 
 def test_report_gives_speedup_spread_and_flatness(tmp_path, monkeypatch):
     import study_report
+
+    monkeypatch.setattr(study, "final_methods", lambda: ("baseline", "star-best"))
 
     monkeypatch.setattr(study_report, "DOC", str(tmp_path / "RESULTS.md"))
     monkeypatch.setattr(study_report, "FIGURES", str(tmp_path / "results"))
