@@ -252,6 +252,7 @@ class Evaluator:
             dataset, epochs=classifier_epochs, max_images=classifier_images, seed=seed
         )
         self.real, real_labels, _ = dataset_arrays(dataset, "test", max_images=test_images, seed=seed)
+        self.real_domain = feature_stats(self.classifier.features(self.real))  # (mu, sigma), once for all models
         self.inception = InceptionFeatures()
         self.n_fid = min(fid_samples, len(self.real))
         ref = compute_features(self.inception, self.real[: self.n_fid], batch_size=50, desc="Inception, real images")
@@ -266,7 +267,6 @@ class Evaluator:
 
     def __call__(self, model_path: str, samples_npz: str) -> dict:
         """Class accuracy and domain FID (small CNN), Inception FID, and the linear-probe curve of one model."""
-        from .eval.domain import domain_fid
         from .eval.inception import compute_features
         from .eval.metrics import feature_stats, frechet_distance
         from .eval.probe import probe_curve
@@ -284,7 +284,7 @@ class Evaluator:
         ).accuracy
         return {
             "class_accuracy": self.classifier.class_accuracy(images, labels),
-            "domain_fid": domain_fid(self.classifier, images, self.real),
+            "domain_fid": frechet_distance(*feature_stats(self.classifier.features(images)), *self.real_domain),
             "fid": frechet_distance(*feature_stats(feats), *self.ref_stats),
             "fid_samples": len(pick),
             "probe_layer": layer,
