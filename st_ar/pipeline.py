@@ -255,7 +255,7 @@ class Evaluator:
         self.real_domain = feature_stats(self.classifier.features(self.real))  # (mu, sigma), once for all models
         self.inception = InceptionFeatures()
         self.n_fid = min(fid_samples, len(self.real))
-        ref = compute_features(self.inception, self.real[: self.n_fid], batch_size=50, desc="Inception, real images")
+        ref = compute_features(self.inception, self.real[: self.n_fid], batch_size=20, desc="Inception, real images")
         self.ref_stats = feature_stats(ref["pool"])
         self.probe_train = center_view_codes(train_codes, probe_train_images)
         self.probe_test = center_view_codes(test_codes, None)
@@ -276,7 +276,7 @@ class Evaluator:
             images, labels = z["arr_0"], z["labels"]
         # samples come in class order: a random subset keeps every class in the FID sample
         pick = np.random.default_rng(self.seed).permutation(len(images))[: self.n_fid]
-        feats = compute_features(self.inception, images[pick], batch_size=50, desc="Inception, samples")["pool"]
+        feats = compute_features(self.inception, images[pick], batch_size=20, desc="Inception, samples")["pool"]
         model = GPT.from_checkpoint(model_path).eval()
         layer = model.config.n_layer // 2
         curve = probe_curve(
