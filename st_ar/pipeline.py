@@ -252,9 +252,10 @@ class Evaluator:
             dataset, epochs=classifier_epochs, max_images=classifier_images, seed=seed
         )
         self.real, real_labels, _ = dataset_arrays(dataset, "test", max_images=test_images, seed=seed)
+        self.real_domain = feature_stats(self.classifier.features(self.real))  # (mu, sigma), once for all models
         self.inception = InceptionFeatures()
         self.n_fid = min(fid_samples, len(self.real))
-        ref = compute_features(self.inception, self.real[: self.n_fid], batch_size=50, desc="Inception, real images")
+        ref = compute_features(self.inception, self.real[: self.n_fid], batch_size=20, desc="Inception, real images")
         self.ref_stats = feature_stats(ref["pool"])
         self.probe_train = center_view_codes(train_codes, probe_train_images)
         self.probe_test = center_view_codes(test_codes, None)
@@ -266,7 +267,6 @@ class Evaluator:
 
     def __call__(self, model_path: str, samples_npz: str) -> dict:
         """Class accuracy and domain FID (small CNN), Inception FID, and the linear-probe curve of one model."""
-        from .eval.domain import domain_fid
         from .eval.inception import compute_features
         from .eval.metrics import feature_stats, frechet_distance
         from .eval.probe import probe_curve
@@ -276,7 +276,7 @@ class Evaluator:
             images, labels = z["arr_0"], z["labels"]
         # samples come in class order: a random subset keeps every class in the FID sample
         pick = np.random.default_rng(self.seed).permutation(len(images))[: self.n_fid]
-        feats = compute_features(self.inception, images[pick], batch_size=50, desc="Inception, samples")["pool"]
+        feats = compute_features(self.inception, images[pick], batch_size=20, desc="Inception, samples")["pool"]
         model = GPT.from_checkpoint(model_path).eval()
         layer = model.config.n_layer // 2
         curve = probe_curve(
@@ -284,7 +284,7 @@ class Evaluator:
         ).accuracy
         return {
             "class_accuracy": self.classifier.class_accuracy(images, labels),
-            "domain_fid": domain_fid(self.classifier, images, self.real),
+            "domain_fid": frechet_distance(*feature_stats(self.classifier.features(images)), *self.real_domain),
             "fid": frechet_distance(*feature_stats(feats), *self.ref_stats),
             "fid_samples": len(pick),
             "probe_layer": layer,

@@ -111,6 +111,23 @@ def test_return_hidden_and_headless_forward():
         model(idx, cond, return_hidden=(3,))
 
 
+def test_headless_forward_stops_at_the_deepest_block_asked_for():
+    model = GPT(GPTConfig.from_name("GPT-debug", vocab_size=32, block_size=16, num_classes=5)).eval()
+    idx, cond = torch.randint(0, 32, (2, 15)), torch.tensor([0, 3])
+    ran = []
+    for i, block in enumerate(model.layers, start=1):
+        block.register_forward_hook(lambda *_, i=i: ran.append(i))
+    full = model(idx, cond, return_hidden=(1,))
+    assert ran == [1, 2]
+    ran.clear()
+    headless = model(idx, cond, return_hidden=(1,), logits=False)
+    assert ran == [1]  # block 2 is not needed for block 1's output
+    torch.testing.assert_close(headless.hidden[1], full.hidden[1])
+    ran.clear()
+    maps = model(idx, cond, return_attention=(1,), logits=False).attention
+    assert ran == [1] and maps[1].shape == (2, 4, 16, 16)
+
+
 def test_attention_key_mask_hides_keys_from_other_queries():
     model = GPT(GPTConfig.from_name("GPT-debug", vocab_size=32, block_size=16, num_classes=5)).eval()
     torch.nn.init.normal_(model.output.weight, std=0.05)

@@ -243,7 +243,7 @@ class GPT(nn.Module):
         start_pos: int | Tensor = 0,  # sequence position of the first slot; a 0-d tensor = static decoding
         return_hidden: Iterable[int] = (),
         return_attention: Iterable[int] = (),  # blocks (1-based) whose attention maps to return
-        logits: bool = True,  # False skips the final norm and head (EMA teacher, probes)
+        logits: bool = True,  # False skips the head, the final norm and the blocks past the deepest one asked for
         attention: str | None = None,  # "auto" | "sdpa" | "flex"; None = self.attention_backend
     ) -> ModelOutput:
         x = self.tok_embeddings(tokens)  # (B, L, dim)
@@ -279,7 +279,9 @@ class GPT(nn.Module):
             raise ValueError(f"return_attention indices must lie in [1, {self.config.n_layer}], got {sorted(maps)}")
         attn_mask = self._attention_mask(attn_mask, attention, B, S, x.device, kv_cache is not None or bool(maps))
         attention_maps = {}
-        for i, layer in enumerate(self.layers, start=1):
+        # without logits or a cache to fill, the blocks past the deepest one asked for are not needed
+        depth = self.config.n_layer if logits or kv_cache is not None else max(want | maps, default=0)
+        for i, layer in enumerate(self.layers[:depth], start=1):
             layer_cache = kv_cache.layers[i - 1] if kv_cache is not None else None
             if i in maps:
                 h, attention_maps[i] = layer(h, rope, attn_mask, layer_cache, start_pos, need_weights=True)

@@ -354,7 +354,10 @@ def build_state(config: TokenizerTrainConfig, dist_info: DistInfo) -> TrainState
         dist=dist_info,
         model=model,
         forward=_Autoencoder(model),
-        optimizer=torch.optim.AdamW(param_groups(model, config.weight_decay, NO_DECAY), lr=config.lr, betas=betas),
+        # fused (CPU and CUDA): the per-tensor loop was a sixth of a step on a 2-core CPU
+        optimizer=torch.optim.AdamW(
+            param_groups(model, config.weight_decay, NO_DECAY), lr=config.lr, betas=betas, fused=True
+        ),
         autocast=autocast_for(config.precision, device),
     )
     if config.ema_decay > 0:
@@ -370,7 +373,10 @@ def build_state(config: TokenizerTrainConfig, dist_info: DistInfo) -> TrainState
         state.disc = PatchDiscriminator(3, config.disc_channels, config.disc_layers).to(device).train()
         state.disc_forward = state.disc
         state.disc_optimizer = torch.optim.AdamW(
-            param_groups(state.disc, config.weight_decay, NO_DECAY), lr=config.disc_lr or config.lr, betas=betas
+            param_groups(state.disc, config.weight_decay, NO_DECAY),
+            lr=config.disc_lr or config.lr,
+            betas=betas,
+            fused=True,
         )
     if config.perceptual_weight > 0:
         state.perceptual = PerceptualLoss(config.perceptual_weights).to(device)

@@ -11,9 +11,10 @@ MFU; so the mask and objective.masked_share cost nothing here). A backward is tw
 
   student   3 x (2 x (block + head weights) x S + attention) per sequence it trains on
             (objective.student_views per image, all views by default)
-  teacher   2 x block weights x S + attention per sequence it runs (no output head), no backward:
-            every view when L_view is on; the student's sequences when only L_step is; the masked
-            ones when L_MIM is the only loss (objective.masked_share < 1 masks fewer)
+  teacher   2 x block weights x S + attention per sequence it runs (no output head), no backward,
+            through the blocks up to the deepest one a loss reads (all with L_MIM, else the contrasted
+            one): every view when L_view is on; the student's sequences when only L_step is; the
+            masked ones when L_MIM is the only loss (objective.masked_share < 1 masks fewer)
   projector 6 x its matmul weights per contrasted position, K per student sequence
 
 Embedding lookups, norms, softmax, the losses, the EMA update and AdamW are left out. The count is
@@ -58,7 +59,9 @@ def step_flops(config: GPTConfig, objective: ObjectiveConfig, images: int, *, ss
     flops = 3 * (2 * (blocks + head) * S + attention) * student_seqs
     if not (ssl and objective.needs_teacher):
         return float(flops)
-    flops += (2 * blocks * S + attention) * teacher_sequences(objective, images)
+    # the teacher runs up to the deepest block a loss reads: the last for L_MIM, else the contrasted one
+    depth = c.n_layer if objective.mim else objective.layer(c.n_layer)
+    flops += (2 * blocks * S + attention) * depth / c.n_layer * teacher_sequences(objective, images)
     if objective.contrastive:
         flops += 6 * projector_matmul_params(objective, c.dim) * objective.num_steps * student_seqs
     return float(flops)
