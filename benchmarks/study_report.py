@@ -179,7 +179,7 @@ def flatness(results: dict[str, dict], dataset: str) -> list[str]:
             q = dict(zip(k.tolist(), v.tolist()))
             start = 3 * study.POINTS // 4
             if start in q and study.POINTS in q:
-                change = (q[start] - q[study.POINTS]) / q[start]
+                change = (q[study.POINTS] - q[start]) / q[start]  # + : it rose, - : it still fell
                 parts.append(f"{label} {q[start]:.1f} -> {q[study.POINTS]:.1f} ({100 * change:+.1f}%)")
         if parts:
             lines.append(f"- {r['run']}: over the last quarter, " + "; ".join(parts))

@@ -217,7 +217,13 @@ def run_config(cfg: DemoConfig, kind: str, codes: str, out: str) -> RunConfig:
 def train_gpt(cfg: DemoConfig, kind: str, codes: str, out: str) -> dict:
     summary, seconds = pipeline.train_gpt(run_config(cfg, kind, codes, out))
     losses = {k.split("/")[-1]: v for k, v in summary["metrics"].items() if k.startswith("loss/")}
-    return {"steps": summary["step"], "seconds": round(seconds, 1), "s_per_step": seconds / cfg.steps, "loss": losses}
+    return {
+        "steps": summary["step"],
+        "seconds": round(seconds, 1),
+        "s_per_step": seconds / cfg.steps,
+        "tflop": summary["flops"] / 1e12,  # analytic training compute (train/flops.py)
+        "loss": losses,
+    }
 
 
 def sample_models(cfg: DemoConfig, runs: dict[str, str], tokenizer: str, out: str) -> dict:
@@ -372,6 +378,19 @@ def write_report(cfg: DemoConfig, out: str, records: dict[str, dict]) -> str:
         "|---|---|",
     ]
     lines += [f"| {name} | {r['seconds']:.0f} |" for name, r in records.items()]
+    trained = {kind: records[f"train_{kind}"]["result"] for kind in MODELS}
+    if all("tflop" in tr for tr in trained.values()):  # stages recorded before the count have none
+        base = trained["baseline"]["tflop"]
+        lines += [
+            "",
+            "Training compute (analytic FLOPs, docs/training.md): "
+            + ", ".join(
+                f"{TITLES[k]} {tr['tflop']:.1f} TFLOP ({tr['tflop'] / base:.2f}x the baseline's; "
+                f"{1e3 * tr['tflop'] / tr['seconds']:.0f} GFLOP/s)"
+                for k, tr in trained.items()
+            )
+            + ".",
+        ]
     lines += [
         "",
         "Sampling speed (KV cache, batch "

@@ -54,6 +54,9 @@ def test_every_stage_writes_its_outputs(toy_run):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "| LlamaGen baseline |" in report and "| ST-AR |" in report and "![samples](samples.png)" in report
+    # the same sequences per step: ST-AR pays for its teacher forward and projector on top
+    tflop = {kind: records["train_" + kind]["result"]["tflop"] for kind in MODELS}
+    assert 1.2 < tflop["star"] / tflop["baseline"] < 2.0 and "Training compute" in report
 
 
 def test_second_run_reuses_every_stage_and_a_change_redoes_what_depends_on_it(toy_run, capsys):
