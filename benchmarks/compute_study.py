@@ -66,6 +66,7 @@ class StudyEvaluator:
 
     def samples(self, samples_npz: str, inception: bool) -> dict:
         """Class accuracy and domain FID of a sample set, and its Inception FID if ``inception``."""
+        from st_ar.eval.domain import domain_fid_to
         from st_ar.eval.inception import compute_features
         from st_ar.eval.metrics import feature_stats, frechet_distance
 
@@ -74,7 +75,7 @@ class StudyEvaluator:
         out = {
             "samples": len(images),
             "class_accuracy": self.classifier.class_accuracy(images, labels),
-            "domain_fid": frechet_distance(*feature_stats(self.classifier.features(images)), *self.real_domain),
+            "domain_fid": domain_fid_to(self.classifier, images, self.real_domain),
         }
         if inception:
             feats = compute_features(self.inception, images, batch_size=20, desc="Inception, samples")["pool"]
@@ -273,8 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             break
         execute(todo[0], args.work, on_point)
         runs = selected()
-        if chosen is None and study.final_methods() is not None:
-            chosen = study.final_methods()
+        if chosen is None and (chosen := study.final_methods()) is not None:
             print(f"the screen is complete; the final runs, by the rule: {', '.join(chosen)}", flush=True)
     if chosen is None:
         print("the final runs wait for the screen: they are chosen from its last points", flush=True)

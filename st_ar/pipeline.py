@@ -267,6 +267,7 @@ class Evaluator:
 
     def __call__(self, model_path: str, samples_npz: str) -> dict:
         """Class accuracy and domain FID (small CNN), Inception FID, and the linear-probe curve of one model."""
+        from .eval.domain import domain_fid_to
         from .eval.inception import compute_features
         from .eval.metrics import feature_stats, frechet_distance
         from .eval.probe import probe_curve
@@ -284,7 +285,7 @@ class Evaluator:
         ).accuracy
         return {
             "class_accuracy": self.classifier.class_accuracy(images, labels),
-            "domain_fid": frechet_distance(*feature_stats(self.classifier.features(images)), *self.real_domain),
+            "domain_fid": domain_fid_to(self.classifier, images, self.real_domain),
             "fid": frechet_distance(*feature_stats(feats), *self.ref_stats),
             "fid_samples": len(pick),
             "probe_layer": layer,

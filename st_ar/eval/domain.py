@@ -167,9 +167,12 @@ def train_classifier(
 
 def domain_fid(clf: DomainClassifier, samples: np.ndarray, reference_images: np.ndarray) -> float:
     """Fréchet distance between samples and real images in the classifier's penultimate features."""
-    mu1, s1 = feature_stats(clf.features(samples))
-    mu2, s2 = feature_stats(clf.features(reference_images))
-    return frechet_distance(mu1, s1, mu2, s2)
+    return domain_fid_to(clf, samples, feature_stats(clf.features(reference_images)))
+
+
+def domain_fid_to(clf: DomainClassifier, samples: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """``domain_fid`` against the (mu, sigma) of the real images' features, computed once by the caller."""
+    return frechet_distance(*feature_stats(clf.features(samples)), *reference)
 
 
 def evaluate_domain(
