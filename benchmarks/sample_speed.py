@@ -18,6 +18,7 @@ Measures, in one process and one run (so the figures can be compared with each o
     python benchmarks/sample_speed.py                        # GPT-B and GPT-S, 4 images, 256 tokens
     python benchmarks/sample_speed.py --models GPT-S --tokens 64
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-compile --no-bf16 --int8   # int8
+    python benchmarks/sample_speed.py --models GPT-B --no-recompute --fp16-weights   # fp16 packed weights
     python benchmarks/sample_speed.py --device cuda --no-recompute   # on a GPU
 """
 
@@ -72,7 +73,8 @@ def decode_bytes(model: GPT, rows: int, num_tokens: int) -> tuple[int, int]:
     skip = {id(model.tok_embeddings.weight), id(model.cls_embedding.embedding_table.weight)}
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
     c = model.config
-    kv = 2 * c.n_layer * rows * c.kv_heads * c.head_dim * (1 + num_tokens / 2) * model.output.weight.element_size()
+    dtype_bytes = model.tok_embeddings.weight.element_size()
+    kv = 2 * c.n_layer * rows * c.kv_heads * c.head_dim * (1 + num_tokens / 2) * dtype_bytes
     return weights, int(kv)
 
 
@@ -146,7 +148,7 @@ def bench(
     device: str = "cpu",
     compile: bool = True,
     bandwidth: float | None = None,
-    int8: bool = False,
+    stored_weights: tuple[str, ...] = (),
     bf16: bool = True,
 ) -> list[str]:
     rows = 2 * images if cfg != 1.0 else images
@@ -207,31 +209,36 @@ def bench(
             f"| {name} | bf16 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, "
             f"{forced:.1%} teacher-forced |"
         )
-    if int8:
-        lines += int8_route(name, classes, num_tokens, cfg, results[("fp32", False)], bandwidth)
+    for kind in stored_weights:
+        lines += stored_weights_route(name, kind, classes, num_tokens, cfg, results[("fp32", False)], bandwidth)
     return lines
 
 
-def int8_route(name, classes, num_tokens, cfg, fp32_seconds, bandwidth) -> list[str]:
-    """Weight-only int8 block weights (models/quantize.py), eager KV-cache decode, against the fp32 model
-    (fresh: the bf16 routes rounded the other one's weights)."""
-    from st_ar.models.quantize import quantize_int8_weights
+def stored_weights_route(name, kind, classes, num_tokens, cfg, fp32_seconds, bandwidth) -> list[str]:
+    """Eager KV-cache decode with opt-in stored weights (models/quantize.py): "int8" (block weights) or "fp16"
+    (fbgemm-packed block and head weights, fp32 activations), against the fp32 model (fresh: the bf16 routes
+    rounded the other one's weights)."""
+    from st_ar.models.quantize import pack_fp16_weights, quantize_int8_weights
 
+    convert, case = {
+        "int8": (quantize_int8_weights, "int8 block weights"),
+        "fp16": (pack_fp16_weights, "fp16 packed weights"),
+    }[kind]
     model = random_model(name, device=str(classes.device))
-    int8 = quantize_int8_weights(random_model(name, device=str(classes.device)))
+    other = convert(random_model(name, device=str(classes.device)))
     gen = torch.Generator(classes.device).manual_seed(0)
-    seconds = timed(lambda: generate(int8, classes, num_tokens=num_tokens, cfg_scale=cfg, generator=gen), repeats=2)
+    seconds = timed(lambda: generate(other, classes, num_tokens=num_tokens, cfg_scale=cfg, generator=gen), repeats=2)
     ms = seconds / num_tokens * 1e3
     note = [f"{fp32_seconds / seconds:.2f}x the speed of fp32"]
     if bandwidth:
-        weights = decode_bytes(int8, len(classes), num_tokens)[0]  # the fp32 parameters left
-        weights += sum(b.numel() * b.element_size() for n, b in int8.named_buffers() if n.endswith(("_int8", "scales")))
-        note.append(f"bandwidth floor {weights / bandwidth * 1e3:.1f} ms ({weights / 1e6:.0f} MB weights)")
-    free, forced = greedy_agreement(model, int8, classes, num_tokens, cfg)
+        weights = decode_bytes(other, len(classes), num_tokens)[0]  # the parameters left in the model's dtype
+        weights += sum(m.stored_bytes() for m in other.modules() if hasattr(m, "stored_bytes"))
+        floor = weights / bandwidth * 1e3
+        note.append(f"bandwidth floor {floor:.1f} ms ({weights / 1e6:.0f} MB weights), {floor / ms:.0%} of it reached")
+    free, forced = greedy_agreement(model, other, classes, num_tokens, cfg)
     return [
-        f"| {name} | KV cache, int8 block weights | {ms:.1f} | {classes.numel() * num_tokens / seconds:.0f} "
-        f"| {'; '.join(note)} |",
-        f"| {name} | int8 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, "
+        f"| {name} | KV cache, {case} | {ms:.1f} | {classes.numel() * num_tokens / seconds:.0f} | {'; '.join(note)} |",
+        f"| {name} | {kind} vs fp32 greedy tokens | | | identical: {free:.1%} free-running, "
         f"{forced:.1%} teacher-forced |",
     ]
 
@@ -248,6 +255,9 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled static decode routes")
     p.add_argument("--no-recompute", action="store_true", help="skip the recomputation comparison")
     p.add_argument("--int8", action="store_true", help="also weight-only int8 block weights (opt-in route)")
+    p.add_argument(
+        "--fp16-weights", action="store_true", help="also fbgemm-packed fp16 weights, fp32 activations (CPU opt-in)"
+    )
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 routes (slow where bf16 has no fast kernels)")
     args = p.parse_args()
     if args.threads:
@@ -271,7 +281,7 @@ def main() -> None:
             device=args.device,
             compile=not args.no_compile,
             bandwidth=bandwidth,
-            int8=args.int8,
+            stored_weights=("int8",) * args.int8 + ("fp16",) * args.fp16_weights,
             bf16=not args.no_bf16,
         ):
             print(line, flush=True)

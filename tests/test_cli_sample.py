@@ -13,6 +13,7 @@ from PIL import Image
 from st_ar.cli import build_parser, main
 from st_ar.commands.sample import sample_settings
 from st_ar.distributed import DistInfo
+from st_ar.models.quantize import fp16_weight_kernel_available
 from st_ar.models.vq import VQConfig, VQModel
 from st_ar.sampling.generate import generate_images
 from st_ar.sampling.to_file import (
@@ -24,6 +25,7 @@ from st_ar.sampling.to_file import (
     sample_to_files,
 )
 
+fp16_kernel = pytest.mark.skipif(not fp16_weight_kernel_available(), reason="no fbgemm fp16-weight linear")
 TINY = ["--model", "GPT-debug", "--model-args", json.dumps({"vocab_size": 64, "block_size": 16, "num_classes": 10})]
 
 
@@ -49,8 +51,10 @@ def vq_ckpt(tmp_path):
         ("cfg", ["--cfg-scale", "2.5"]),
         # one batch of 3 (6 rows with guidance): one compiled graph serves every position
         ("cfg", ["--cfg-scale", "2.5", "--compile", "--batch-size", "3"]),
+        # fp16-rounded weights move the logits a little: the golden arg-max tokens hold
+        pytest.param("cfg", ["--cfg-scale", "2.5", "--fp16-weights"], marks=fp16_kernel),
     ],
-    ids=["greedy", "cfg", "cfg-compiled"],
+    ids=["greedy", "cfg", "cfg-compiled", "cfg-fp16-weights"],
 )
 def test_greedy_codes_equal_golden(gpt_golden, gpt_ckpt, tmp_path, kind, flags):
     out = tmp_path / "out"
@@ -151,6 +155,11 @@ def test_bad_input_gets_a_clear_message(gpt_golden, gpt_ckpt, tmp_path, capsys):
         (["--per-class", "0"], "--per-class must be at least 1, got 0"),
         (["--per-class", "-2"], "--per-class must be at least 1, got -2"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--fp16-weights", "--compile"], "--fp16-weights decodes eagerly: drop --compile (or --fp16-weights)"),
+        (
+            ["--fp16-weights", "--precision", "bf16"],
+            "--fp16-weights keeps fp32 activations: drop --precision bf16 (or --fp16-weights)",
+        ),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(gpt_ckpt, tmp_path, capsys, flags, message):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ..distributed import DistInfo, cleanup_distributed, init_distributed
+from ..models.quantize import fp16_weight_kernel_available, pack_fp16_weights
 from ..models.vq import VQModel
 from ..runfolder import prepare_output_dir
 from ..sampling.to_file import SampleSettings, check_request, first_samples_grid, sample_to_files
@@ -63,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compile the decode step once for every position (CUDA graphs on GPU); pays a compile first",
     )
+    p.add_argument(
+        "--fp16-weights",
+        action="store_true",
+        help="CPU only: keep the block and head weights as fp16, packed once (activations stay fp32); "
+        "decodes faster where the step is bound by reading weights (docs/performance.md)",
+    )
     add_device_argument(p)
     add_precision_argument(p)
     add_trust_argument(p)
@@ -91,6 +98,18 @@ def sample_settings(args: argparse.Namespace) -> SampleSettings:
     )
 
 
+def check_fp16_weights(args: argparse.Namespace, device) -> None:
+    """--fp16-weights asks for fbgemm's CPU kernel under an eager fp32 decode: refuse what cannot go with it."""
+    if device.type != "cpu":
+        raise ValueError(f"--fp16-weights is a CPU route (device {device}); on a GPU use --precision bf16")
+    if args.precision == "bf16":
+        raise ValueError("--fp16-weights keeps fp32 activations: drop --precision bf16 (or --fp16-weights)")
+    if args.compile:
+        raise ValueError("--fp16-weights decodes eagerly: drop --compile (or --fp16-weights)")
+    if not fp16_weight_kernel_available():
+        raise ValueError("this torch build has no fbgemm fp16-weight linear: sample without --fp16-weights")
+
+
 def sample(args: argparse.Namespace, info: DistInfo) -> None:
     # everything that can be told from the arguments alone, before minutes of loading and sampling
     if args.per_class is not None and args.per_class < 1:
@@ -98,9 +117,13 @@ def sample(args: argparse.Namespace, info: DistInfo) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     settings = sample_settings(args)
-    prepare_output_dir(args.out, "--out")
     device = info.device
+    if args.fp16_weights:
+        check_fp16_weights(args, device)
+    prepare_output_dir(args.out, "--out")
     model = load_gpt(args, args.ckpt, device)
+    if args.fp16_weights:
+        pack_fp16_weights(model)
     cfg = model.config
     classes = (
         args.classes if args.classes is not None else [c for c in range(cfg.num_classes) for _ in range(args.per_class)]

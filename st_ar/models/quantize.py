@@ -8,6 +8,11 @@ bytes of fp32. Whether that makes a step faster depends on the kernel: on CPU ``
 (which ``torch.compile`` fuses into the matmul). ``benchmarks/sample_speed.py --int8`` measures the speed
 and the agreement of the generated tokens with fp32; docs/performance.md has the figures. The default
 path never quantizes: golden parity is fp32's.
+
+``pack_fp16_weights(model)`` is the other opt-in route, for CPU decoding: the block linears and the head
+keep their weights as fp16, packed once for fbgemm's fp16-weight GEMM, while activations and accumulation
+stay fp32. It halves the bytes a decode step reads, with errors at the level of fp16 rounding of the
+weights (about 5e-4 relative), where bf16 weights and activations round to 4e-3.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ class Int8Linear(nn.Module):
         """The weights this layer multiplies by, in fp32 (for tests and error reports)."""
         return self.weight_int8.float() * self.scales.float()[:, None]
 
+    def stored_bytes(self) -> int:
+        """Bytes of weights a forward reads (int8 values and scales)."""
+        return self.weight_int8.numel() + self.scales.numel() * self.scales.element_size()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
@@ -57,4 +66,72 @@ def quantize_int8_weights(model: nn.Module) -> nn.Module:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, Int8Linear(child))
+    return model
+
+
+def fp16_weight_kernel_available() -> bool:
+    """Whether this torch has fbgemm's fp16-weight linear (x86 CPU builds do)."""
+    engines = torch.backends.quantized.supported_engines
+    return ("fbgemm" in engines or "x86" in engines) and hasattr(torch.ops.quantized, "linear_prepack_fp16")
+
+
+class FP16PackedLinear(nn.Module):
+    """A bias-free nn.Linear for CPU sampling whose weights are fp16, prepacked for fbgemm; y = x @ w16.T in fp32.
+
+    The packed weights are an opaque fbgemm object, not a parameter or buffer: the layer takes no gradient,
+    does not move with ``.to()``, and is left out of ``state_dict``. Sampling only."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("FP16PackedLinear takes bias-free linear layers (the GPT's have none)")
+        if linear.weight.device.type != "cpu":
+            raise ValueError(f"fp16 packed weights are a CPU route; this layer is on {linear.weight.device}")
+        w = linear.weight.detach().float().contiguous()
+        largest = w.abs().max().item()
+        if largest > torch.finfo(torch.float16).max:
+            raise ValueError(f"a weight of {largest:.3g} does not fit fp16 (max 65504): keep this model in fp32")
+        self._packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(
+                f"fp16 packed weights take fp32 activations on the CPU, got {x.dtype} on {x.device}: "
+                "pack a fp32 model that stays on the CPU"
+            )
+        flat = x.reshape(-1, self.in_features)
+        return torch.ops.quantized.linear_dynamic_fp16(flat, self._packed).view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> Tensor:
+        """The weights this layer multiplies by, in fp32 (for tests and error reports)."""
+        return torch.ops.quantized.linear_unpack_fp16(self._packed)[0]
+
+    def stored_bytes(self) -> int:
+        """Bytes of weights a forward reads (fp16 values)."""
+        return 2 * self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16 packed weights"
+
+
+@torch.no_grad()
+def pack_fp16_weights(model: nn.Module) -> nn.Module:
+    """Replace, in place, every nn.Linear of the transformer blocks and the output head of a fp32 GPT on the
+    CPU by an FP16PackedLinear; returns the model. For eager CPU sampling (``generate(..., compile=False)``)."""
+    if getattr(model, "layers", None) is None or not isinstance(getattr(model, "output", None), nn.Linear):
+        raise ValueError("pack_fp16_weights expects a GPT (a model with .layers and an .output head)")
+    if not fp16_weight_kernel_available():
+        raise RuntimeError(
+            "this torch build has no fbgemm fp16-weight linear (x86 CPU builds do): sample in fp32 instead"
+        )
+    param = model.output.weight
+    if param.dtype != torch.float32 or param.device.type != "cpu":
+        raise ValueError(f"pack_fp16_weights takes a fp32 model on the CPU, got {param.dtype} on {param.device}")
+    for block in model.layers:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, FP16PackedLinear(child))
+    model.output = FP16PackedLinear(model.output)
     return model

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..images import to_uint8
+from ..models.quantize import FP16PackedLinear
 from ..progress import progress_bar
 from .kv_cache import KVCache
 
@@ -171,7 +172,7 @@ def static_cache(model, batch_size: int) -> KVCache:
     """A full-length (class token + block_size) cache for ``model``, kept per model and reused
     (zeroed) while the row count, dtype and device stay the same, so its addresses stay fixed."""
     c = model.config
-    p = model.output.weight
+    p = model.tok_embeddings.weight  # the model's dtype and device (the head may be packed)
     max_len = c.cls_token_num + c.block_size
     cache = _static_caches.get(model)
     if cache is not None and cache.matches(batch_size, max_len, p.dtype, p.device):
@@ -224,6 +225,8 @@ def generate(
         raise RuntimeError("generate() needs the model in eval mode (dropout would change samples); call .eval()")
     if compile and decode_fn is not decode_one_token:
         raise ValueError("pass either compile=True or a decode_fn, not both")
+    if compile and any(isinstance(m, FP16PackedLinear) for m in model.modules()):
+        raise ValueError("fp16 packed weights (pack_fp16_weights) decode eagerly: pass compile=False")
     B = cond.shape[0]
     guided = cfg_scale != 1.0
     if guided:
@@ -231,8 +234,8 @@ def generate(
     rows = cond.shape[0]
     if compile:
         cache = static_cache(model, rows)
-        step = compiled_decode_step(model.output.weight.device)
-        cuda = model.output.weight.device.type == "cuda"
+        step = compiled_decode_step(model.tok_embeddings.weight.device)
+        cuda = model.tok_embeddings.weight.device.type == "cuda"
         mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if cuda else None
 
         def decode(model, feed: Tensor, pos: int, cache: KVCache) -> Tensor:

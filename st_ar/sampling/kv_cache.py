@@ -63,7 +63,7 @@ class KVCache:
     def for_model(cls, model, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache sized for ``model``: by default the class token plus a full image."""
         c = model.config
-        p = model.output.weight
+        p = model.tok_embeddings.weight  # the model's dtype and device (the head may be packed)
         max_len = max_len or c.cls_token_num + c.block_size
         return cls(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, dtype=p.dtype, device=p.device)
 
