@@ -6,6 +6,8 @@ Measures, in one process and one run (so the figures can be compared with each o
     (2N sequences per step), using the library's real ``generate``;
   - compiled static decoding: the same with ``generate(compile=True)`` (one compiled graph for
     every position; CUDA graphs on CUDA), its compile time apart (skip with --no-compile);
+    with --freeze also the compiled step of the model alone with its weights frozen in as
+    constants (oneDNN-prepacked on CPU);
   - the bandwidth floor: a decode step must read every weight of the blocks and the head once,
     so weight bytes / bandwidth bounds it from below; each route prints the share of that floor
     it reaches (floor / measured);
@@ -19,6 +21,7 @@ Measures, in one process and one run (so the figures can be compared with each o
     python benchmarks/sample_speed.py --models GPT-S --tokens 64
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-compile --no-bf16 --int8   # int8
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --fp16-weights   # fp16 packed weights
+    python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-bf16 --freeze   # frozen compiled weights
     python benchmarks/sample_speed.py --device cuda --no-recompute   # on a GPU
 """
 
@@ -150,6 +153,7 @@ def bench(
     bandwidth: float | None = None,
     stored_weights: tuple[str, ...] = (),
     bf16: bool = True,
+    freeze: bool = False,
 ) -> list[str]:
     rows = 2 * images if cfg != 1.0 else images
     classes = torch.arange(images, device=device)
@@ -158,13 +162,22 @@ def bench(
     floor = matmul_floor_ms(model, rows)
     results = {}
     # fp32 routes first: the cast to bf16 rounds the weights for good
-    routes = [(label, dtype, c) for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for c in (0, 1)]
-    routes = [r for r in routes if (compile or not r[2]) and (bf16 or r[0] != "bf16")]
+    # compiled: 0 eager, 1 the shared static step, 2 the static step with its weights frozen in
+    routes = [
+        (label, dtype, c) for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for c in (0, 1, 2)
+    ]
+    routes = [r for r in routes if (compile or not r[2]) and (freeze or r[2] != 2) and (bf16 or r[0] != "bf16")]
     for label, dtype, compiled in routes:
         m = model.to(dtype)
         gen = torch.Generator(device).manual_seed(0)
         run = lambda m=m, gen=gen, compiled=compiled: generate(
-            m, classes, num_tokens=num_tokens, cfg_scale=cfg, generator=gen, compile=compiled
+            m,
+            classes,
+            num_tokens=num_tokens,
+            cfg_scale=cfg,
+            generator=gen,
+            compile=compiled > 0,
+            freeze_weights=compiled == 2,
         )
         note = []
         if compiled:
@@ -178,9 +191,11 @@ def bench(
         if label == "fp32" and not compiled:
             note.append(f"{ms / floor:.2f}x matmul floor ({floor:.1f} ms)")
         elif compiled:
-            note.append(f"speed-up over eager {label}: {results[(label, False)] / seconds:.2f}x")
+            note.append(f"speed-up over eager {label}: {results[(label, 0)] / seconds:.2f}x")
+            if compiled == 2 and (label, 1) in results:
+                note.append(f"{results[(label, 1)] / seconds:.2f}x over static compiled")
         else:
-            note.append(f"{results[('fp32', False)] / seconds:.2f}x faster than fp32")
+            note.append(f"{results[('fp32', 0)] / seconds:.2f}x faster than fp32")
         if bandwidth:
             weights, kv = decode_bytes(m, rows, num_tokens)
             bw_floor = weights / bandwidth * 1e3
@@ -188,7 +203,7 @@ def bench(
                 f"bandwidth floor {bw_floor:.1f} ms ({weights / 1e6:.0f} MB weights; KV cache adds "
                 f"{kv / 1e6:.0f} MB), {bw_floor / ms:.0%} of it reached"
             )
-        route = "static compiled" if compiled else "KV cache"
+        route = ("KV cache", "static compiled", "static compiled, frozen weights")[compiled]
         lines.append(
             f"| {name} | {route}, {label} | {ms:.1f} | {images * num_tokens / seconds:.0f} | {'; '.join(note)} |"
         )
@@ -210,7 +225,7 @@ def bench(
             f"{forced:.1%} teacher-forced |"
         )
     for kind in stored_weights:
-        lines += stored_weights_route(name, kind, classes, num_tokens, cfg, results[("fp32", False)], bandwidth)
+        lines += stored_weights_route(name, kind, classes, num_tokens, cfg, results[("fp32", 0)], bandwidth)
     return lines
 
 
@@ -254,6 +269,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled static decode routes")
     p.add_argument("--no-recompute", action="store_true", help="skip the recomputation comparison")
+    p.add_argument("--freeze", action="store_true", help="also the compiled static step with its weights frozen in")
     p.add_argument("--int8", action="store_true", help="also weight-only int8 block weights (opt-in route)")
     p.add_argument(
         "--fp16-weights", action="store_true", help="also fbgemm-packed fp16 weights, fp32 activations (CPU opt-in)"
@@ -283,6 +299,7 @@ def main() -> None:
             bandwidth=bandwidth,
             stored_weights=("int8",) * args.int8 + ("fp16",) * args.fp16_weights,
             bf16=not args.no_bf16,
+            freeze=args.freeze and not args.no_compile,
         ):
             print(line, flush=True)
 
