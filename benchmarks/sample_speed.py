@@ -6,8 +6,8 @@ Measures, in one process and one run (so the figures can be compared with each o
     (2N sequences per step), using the library's real ``generate``;
   - compiled static decoding: the same with ``generate(compile=True)`` (one compiled graph for
     every position; CUDA graphs on CUDA), its compile time apart (skip with --no-compile);
-    with --freeze also the compiled step of the model alone with its weights frozen in as
-    constants (oneDNN-prepacked on CPU);
+    with --freeze also one step of it against the same step compiled with the weights frozen in
+    as constants (a route measured, not taken: docs/performance.md);
   - the bandwidth floor: a decode step must read every weight of the blocks and the head once,
     so weight bytes / bandwidth bounds it from below; each route prints the share of that floor
     it reaches (floor / measured);
@@ -21,7 +21,7 @@ Measures, in one process and one run (so the figures can be compared with each o
     python benchmarks/sample_speed.py --models GPT-S --tokens 64
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-compile --no-bf16 --int8   # int8
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --fp16-weights   # fp16 packed weights
-    python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-bf16 --freeze   # frozen compiled weights
+    python benchmarks/sample_speed.py --models GPT-B,GPT-S --no-recompute --no-bf16 --freeze   # frozen weights
     python benchmarks/sample_speed.py --device cuda --no-recompute   # on a GPU
 """
 
@@ -34,7 +34,7 @@ import time
 import torch
 
 from st_ar.models.gpt import GPT, GPTConfig
-from st_ar.sampling import KVCache, decode_one_token, generate, prefill
+from st_ar.sampling import KVCache, compiled_decode_step, decode_one_token, generate, prefill, static_cache
 
 
 def sync() -> None:
@@ -162,22 +162,13 @@ def bench(
     floor = matmul_floor_ms(model, rows)
     results = {}
     # fp32 routes first: the cast to bf16 rounds the weights for good
-    # compiled: 0 eager, 1 the shared static step, 2 the static step with its weights frozen in
-    routes = [
-        (label, dtype, c) for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for c in (0, 1, 2)
-    ]
-    routes = [r for r in routes if (compile or not r[2]) and (freeze or r[2] != 2) and (bf16 or r[0] != "bf16")]
+    routes = [(label, dtype, c) for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)) for c in (0, 1)]
+    routes = [r for r in routes if (compile or not r[2]) and (bf16 or r[0] != "bf16")]
     for label, dtype, compiled in routes:
         m = model.to(dtype)
         gen = torch.Generator(device).manual_seed(0)
         run = lambda m=m, gen=gen, compiled=compiled: generate(
-            m,
-            classes,
-            num_tokens=num_tokens,
-            cfg_scale=cfg,
-            generator=gen,
-            compile=compiled > 0,
-            freeze_weights=compiled == 2,
+            m, classes, num_tokens=num_tokens, cfg_scale=cfg, generator=gen, compile=compiled
         )
         note = []
         if compiled:
@@ -191,11 +182,9 @@ def bench(
         if label == "fp32" and not compiled:
             note.append(f"{ms / floor:.2f}x matmul floor ({floor:.1f} ms)")
         elif compiled:
-            note.append(f"speed-up over eager {label}: {results[(label, 0)] / seconds:.2f}x")
-            if compiled == 2 and (label, 1) in results:
-                note.append(f"{results[(label, 1)] / seconds:.2f}x over static compiled")
+            note.append(f"speed-up over eager {label}: {results[(label, False)] / seconds:.2f}x")
         else:
-            note.append(f"{results[('fp32', 0)] / seconds:.2f}x faster than fp32")
+            note.append(f"{results[('fp32', False)] / seconds:.2f}x faster than fp32")
         if bandwidth:
             weights, kv = decode_bytes(m, rows, num_tokens)
             bw_floor = weights / bandwidth * 1e3
@@ -203,7 +192,7 @@ def bench(
                 f"bandwidth floor {bw_floor:.1f} ms ({weights / 1e6:.0f} MB weights; KV cache adds "
                 f"{kv / 1e6:.0f} MB), {bw_floor / ms:.0%} of it reached"
             )
-        route = ("KV cache", "static compiled", "static compiled, frozen weights")[compiled]
+        route = "static compiled" if compiled else "KV cache"
         lines.append(
             f"| {name} | {route}, {label} | {ms:.1f} | {images * num_tokens / seconds:.0f} | {'; '.join(note)} |"
         )
@@ -224,9 +213,40 @@ def bench(
             f"| {name} | bf16 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, "
             f"{forced:.1%} teacher-forced |"
         )
+    if freeze:
+        shared, frozen, seconds = frozen_step_ms(model, rows, num_tokens // 2)
+        lines.append(
+            f"| {name} | step at {num_tokens // 2} tokens: static compiled vs frozen weights | {shared:.1f} vs "
+            f"{frozen:.1f} | | frozen {shared / frozen:.2f}x the speed; its compile {seconds:.0f} s |"
+        )
     for kind in stored_weights:
-        lines += stored_weights_route(name, kind, classes, num_tokens, cfg, results[("fp32", 0)], bandwidth)
+        lines += stored_weights_route(name, kind, classes, num_tokens, cfg, results[("fp32", False)], bandwidth)
     return lines
+
+
+@torch.no_grad()
+def frozen_step_ms(model: GPT, rows: int, pos: int) -> tuple[float, float, float]:
+    """One static decode step at ``pos``: the library's compiled step (the model an argument, one graph
+    for every model of a shape) against the same step compiled with this model's weights frozen in as
+    constants (Inductor freezing: oneDNN-prepacked linears on CPU). A route measured, not taken:
+    (shared ms, frozen ms, the frozen step's compile seconds)."""
+    device = model.output.weight.device
+    cache = static_cache(model, rows)
+    token = torch.zeros(rows, dtype=torch.long, device=device)
+    position = torch.full((), pos, dtype=torch.long, device=device)
+    shared = compiled_decode_step(device)
+    frozen = torch.compile(
+        lambda t, p, c: decode_one_token(model, t, p, c), fullgraph=True, dynamic=False, options={"freezing": True}
+    )
+    start = time.perf_counter()
+    frozen(token, position, cache)
+    seconds = time.perf_counter() - start
+    shared(model, token, position, cache)
+    times = {"shared": [], "frozen": []}
+    for _ in range(2):  # alternate, so that a drift in the machine's speed hits both
+        times["shared"].append(timed(lambda: shared(model, token, position, cache), repeats=10))
+        times["frozen"].append(timed(lambda: frozen(token, position, cache), repeats=10))
+    return min(times["shared"]) * 1e3, min(times["frozen"]) * 1e3, seconds
 
 
 def stored_weights_route(name, kind, classes, num_tokens, cfg, fp32_seconds, bandwidth) -> list[str]:
@@ -269,7 +289,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled static decode routes")
     p.add_argument("--no-recompute", action="store_true", help="skip the recomputation comparison")
-    p.add_argument("--freeze", action="store_true", help="also the compiled static step with its weights frozen in")
+    p.add_argument(
+        "--freeze", action="store_true", help="CPU: also one compiled static step with the weights frozen in"
+    )
     p.add_argument("--int8", action="store_true", help="also weight-only int8 block weights (opt-in route)")
     p.add_argument(
         "--fp16-weights", action="store_true", help="also fbgemm-packed fp16 weights, fp32 activations (CPU opt-in)"
@@ -279,6 +301,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.freeze and device.type != "cpu":
+        p.error("--freeze compares CPU steps (a CUDA step runs under CUDA graphs): drop --freeze")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# sample_speed  torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     print(f"# {args.images} images x {args.tokens} tokens, CFG {args.cfg_scale}")
@@ -299,7 +323,7 @@ def main() -> None:
             bandwidth=bandwidth,
             stored_weights=("int8",) * args.int8 + ("fp16",) * args.fp16_weights,
             bf16=not args.no_bf16,
-            freeze=args.freeze and not args.no_compile,
+            freeze=args.freeze,
         ):
             print(line, flush=True)
 

@@ -155,7 +155,6 @@ def test_bad_input_gets_a_clear_message(gpt_golden, gpt_ckpt, tmp_path, capsys):
         (["--per-class", "0"], "--per-class must be at least 1, got 0"),
         (["--per-class", "-2"], "--per-class must be at least 1, got -2"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (["--freeze-weights"], "--freeze-weights freezes the weights of the compiled decode step: add --compile"),
         (["--fp16-weights", "--compile"], "--fp16-weights decodes eagerly: drop --compile (or --fp16-weights)"),
         (
             ["--fp16-weights", "--precision", "bf16"],

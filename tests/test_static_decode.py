@@ -6,9 +6,7 @@ graph-counting tests use a backend that records each graph Dynamo hands it and r
 """
 
 import functools
-import gc
 import importlib
-import weakref
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ from test_sampling import small_model
 
 from st_ar.sampling import KVCache, generate
 from st_ar.sampling.generate import generate_images, static_cache
-from st_ar.sampling.to_file import SampleSettings
 
 gen = importlib.import_module("st_ar.sampling.generate")  # the module (the package exports a function of that name)
 
@@ -97,31 +94,6 @@ def test_compiled_generation_matches_golden_with_one_inductor_graph(gpt_golden):
     assert torch.equal(tokens, eager)
     again, _ = run()
     assert torch.equal(again, tokens) and stats["unique_graphs"] - before == 1  # no recompilation
-
-
-def test_frozen_weights_generation_matches_golden_and_is_rebuilt_when_a_weight_changes(gpt_golden):
-    # Inductor with the weights folded in as constants (freezing): a step for this model alone
-    model = golden_model(gpt_golden)
-    kwargs = gpt_golden["generate_greedy_kwargs"]
-    cond, n = gpt_golden["generate_cond"], kwargs["max_new_tokens"]
-    tokens, logits = generate(
-        model, cond, num_tokens=n, top_k=kwargs["top_k"], return_logits=True, compile=True, freeze_weights=True
-    )
-    assert torch.equal(tokens, gpt_golden["generate_greedy"].long())
-    torch.testing.assert_close(logits, gpt_golden["generate_greedy_step_logits"], atol=1e-5, rtol=0)
-    step = gen.frozen_decode_step(model)
-    assert gen.frozen_decode_step(model) is step  # kept while the weights stay as they were
-    with torch.no_grad():
-        model.output.weight.mul_(1.0)  # an in-place change (even one that keeps the values)
-    assert gen.frozen_decode_step(model) is not step  # the graph's copy would be stale: compiled again
-    alive = weakref.ref(model)
-    del model, step
-    gc.collect()
-    assert alive() is None  # the kept step does not keep its model alive
-    with pytest.raises(ValueError, match="pass compile=True as well"):
-        generate(small_model(), cond, freeze_weights=True)
-    with pytest.raises(ValueError, match="set compile as well"):
-        SampleSettings(freeze_weights=True)
 
 
 def test_guided_generations_compile_to_one_graph(gpt_golden, counted):

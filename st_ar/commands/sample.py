@@ -65,12 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compile the decode step once for every position (CUDA graphs on GPU); pays a compile first",
     )
     p.add_argument(
-        "--freeze-weights",
-        action="store_true",
-        help="with --compile: fold the weights into the compiled step as constants (prepacked for oneDNN on "
-        "CPU); a longer first compile, a faster step (docs/performance.md)",
-    )
-    p.add_argument(
         "--fp16-weights",
         action="store_true",
         help="CPU only: keep the block and head weights as fp16, packed once (activations stay fp32); "
@@ -101,7 +95,6 @@ def sample_settings(args: argparse.Namespace) -> SampleSettings:
         batch_size=args.batch_size,
         seed=args.seed,
         compile=args.compile,
-        freeze_weights=args.freeze_weights,
     )
 
 
@@ -123,8 +116,6 @@ def sample(args: argparse.Namespace, info: DistInfo) -> None:
         raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.freeze_weights and not args.compile:
-        raise ValueError("--freeze-weights freezes the weights of the compiled decode step: add --compile")
     settings = sample_settings(args)
     device = info.device
     if args.fp16_weights:

@@ -168,33 +168,6 @@ def compiled_decode_step(device: torch.device | str, backend: str | Callable = "
     return _compiled_steps[key]
 
 
-_frozen_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def frozen_decode_step(model):
-    """The compiled static decode step of ``model`` alone, its weights folded into the graph as
-    constants (Inductor's freezing; on CPU the linear weights are prepacked for oneDNN once).
-
-    One step per model instance, compiled on its first call. The graph keeps its own copy of the
-    weights, so it is rebuilt (compiled again) when a parameter has been changed since, which is
-    why this is for a model that only samples; training previews use the shared compiled step.
-    """
-    versions = tuple(p._version for p in model.parameters())
-    entry = _frozen_steps.get(model)
-    if entry is not None and entry[0] == versions:
-        return entry[1]
-    ref = weakref.ref(model)  # the compiled step must not keep the model alive
-    cuda = model.tok_embeddings.weight.device.type == "cuda"
-    step = torch.compile(
-        lambda token, pos, cache: _static_decode_step(ref(), token, pos, cache),
-        fullgraph=True,
-        dynamic=False,
-        options={"freezing": True, "triton.cudagraphs": cuda},
-    )
-    _frozen_steps[model] = (versions, step)
-    return step
-
-
 def static_cache(model, batch_size: int) -> KVCache:
     """A full-length (class token + block_size) cache for ``model``, kept per model and reused
     (zeroed) while the row count, dtype and device stay the same, so its addresses stay fixed."""
@@ -224,7 +197,6 @@ def generate(
     decode_fn=decode_one_token,
     return_logits: bool = False,
     compile: bool = False,
-    freeze_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Sample image tokens (B, num_tokens) int64 for the classes in ``cond``.
 
@@ -234,8 +206,6 @@ def generate(
     (compiled). ``return_logits`` also returns the (guided, unfiltered) logits each token was
     drawn from, (num_tokens, B, V). ``compile`` decodes with the compiled static step (module
     docstring): the first call per shape compiles, later ones reuse the graph.
-    ``freeze_weights`` (with ``compile``) compiles a step for this model alone with its weights as
-    graph constants (``frozen_decode_step``): a longer first compile, a faster step on CPU.
     """
     check_sampling_settings(
         cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p
@@ -255,8 +225,6 @@ def generate(
         raise RuntimeError("generate() needs the model in eval mode (dropout would change samples); call .eval()")
     if compile and decode_fn is not decode_one_token:
         raise ValueError("pass either compile=True or a decode_fn, not both")
-    if freeze_weights and not compile:
-        raise ValueError("freeze_weights freezes the weights of the compiled step: pass compile=True as well")
     if compile and any(isinstance(m, FP16PackedLinear) for m in model.modules()):
         raise ValueError("fp16 packed weights (pack_fp16_weights) decode eagerly: pass compile=False")
     B = cond.shape[0]
@@ -266,11 +234,7 @@ def generate(
     rows = cond.shape[0]
     if compile:
         cache = static_cache(model, rows)
-        if freeze_weights:
-            frozen = frozen_decode_step(model)
-            step = lambda model, token, pos, cache: frozen(token, pos, cache)  # noqa: E731
-        else:
-            step = compiled_decode_step(model.tok_embeddings.weight.device)
+        step = compiled_decode_step(model.tok_embeddings.weight.device)
         cuda = model.tok_embeddings.weight.device.type == "cuda"
         mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if cuda else None
 
@@ -323,7 +287,6 @@ def generate_images(
     generator: torch.Generator | None = None,
     progress: str | None = None,
     compile: bool = False,
-    freeze_weights: bool = False,
     **sampling,
 ) -> tuple[Tensor, np.ndarray | None]:
     """Sample ``labels`` in batches and decode them: ((N, T) int64 codes on the CPU, (N, H, W, 3) uint8).
@@ -331,17 +294,14 @@ def generate_images(
     ``vq`` None skips decoding (images None). ``sampling``: generate()'s cfg_scale, cfg_interval,
     temperature, top_k, top_p. ``progress``: a bar with this title, or None for no bar.
     ``compile``: generate()'s compiled static decode step (a last, smaller batch compiles one
-    more graph for its row count); ``freeze_weights`` as in generate().
+    more graph for its row count).
     """
     check_sampling_settings(**sampling)
     grid = (model.config.grid_size, model.config.grid_size)
     codes, images = [], []
     with progress_bar(total=len(labels), unit="img", desc=progress or "", disable=progress is None) as bar:
         for i in range(0, len(labels), batch_size):
-            batch = labels[i : i + batch_size]
-            batch = generate(
-                model, batch, generator=generator, compile=compile, freeze_weights=freeze_weights, **sampling
-            )
+            batch = generate(model, labels[i : i + batch_size], generator=generator, compile=compile, **sampling)
             codes.append(batch.cpu())
             if vq is not None:
                 images.append(to_uint8(vq.decode(batch, grid=grid)))

@@ -59,7 +59,6 @@ class SampleSettings:
     seed: int = 0
     seeding: str = "per-batch"  # or "stream"; see the module docstring
     compile: bool = False  # generate()'s compiled static decode step: same tokens, one graph for every position
-    freeze_weights: bool = False  # with compile: the step of this model alone, its weights as graph constants
 
     def __post_init__(self):
         check_sampling_settings(**self.generate_kwargs())
@@ -67,8 +66,6 @@ class SampleSettings:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.seeding not in SEEDINGS:
             raise ValueError(f"seeding must be one of {', '.join(SEEDINGS)}, got {self.seeding!r}")
-        if self.freeze_weights and not self.compile:
-            raise ValueError("freeze_weights freezes the weights of the compiled decode step: set compile as well")
 
     def generate_kwargs(self) -> dict:
         """generate()'s keyword arguments."""
@@ -200,7 +197,6 @@ def sample_own_batches(
                 batch_size=size,
                 generator=generator,
                 compile=settings.compile,
-                freeze_weights=settings.freeze_weights,
                 **settings.generate_kwargs(),
             )
             indices.append(np.arange(j * size, j * size + len(batch), dtype=np.int64))
