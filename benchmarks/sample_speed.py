@@ -21,7 +21,7 @@ Measures, in one process and one run (so the figures can be compared with each o
     python benchmarks/sample_speed.py --models GPT-S --tokens 64
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-compile --no-bf16 --int8   # int8
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --fp16-weights   # fp16 packed weights
-    python benchmarks/sample_speed.py --models GPT-B,GPT-S --no-recompute --no-bf16 --freeze   # frozen weights
+    python benchmarks/sample_speed.py --models GPT-B,GPT-S --no-recompute --no-bf16 --no-compile --freeze
     python benchmarks/sample_speed.py --device cuda --no-recompute   # on a GPU
 """
 
