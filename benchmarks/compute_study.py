@@ -23,85 +23,13 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import study  # noqa: E402  (benchmarks/study.py: the runs and their settings)
-from reproduce import commit, machine, prepare_data  # noqa: E402
+from reproduce import commit, evaluator, machine, prepare_data  # noqa: E402
 
 from st_ar import pipeline  # noqa: E402
 from st_ar.runfolder import write_json_atomic  # noqa: E402
-
-# --------------------------------------------------------------------------------------------------
-# The measurement of one set of weights
-# --------------------------------------------------------------------------------------------------
-
-
-class StudyEvaluator:
-    """What every point is measured against, prepared once per dataset: the domain classifier, all real
-    test images with their cached Inception statistics, and the probe's codes."""
-
-    def __init__(self, dataset: str, data: dict[str, str]):
-        from st_ar.eval.domain import DomainClassifier, dataset_arrays
-        from st_ar.eval.fid import reference_statistics
-        from st_ar.eval.inception import InceptionFeatures
-        from st_ar.eval.metrics import feature_stats
-
-        e = study.EVALUATION
-        self.seed, self.probe_epochs = e["seed"], e["probe_epochs"]
-        self.classifier = DomainClassifier.load_or_train(
-            dataset, epochs=e["classifier_epochs"], max_images=e["classifier_images"], seed=e["seed"]
-        )
-        self.real, real_labels, _ = dataset_arrays(dataset, "test")
-        self.real_domain = feature_stats(self.classifier.features(self.real))  # (mu, sigma), once
-        self.inception = InceptionFeatures()
-        self.ref_stats, _ = reference_statistics(dataset, self.inception, ref_split="test", batch_size=20)
-        self.probe_train = pipeline.center_view_codes(data["train"], e["probe_train_images"])
-        self.probe_test = pipeline.center_view_codes(data["test"], e["probe_test_images"])
-        self.summary = {
-            "classifier_test_accuracy": self.classifier.class_accuracy(self.real, real_labels),
-            "reference_images": len(self.real),
-        }
-
-    def samples(self, samples_npz: str, inception: bool) -> dict:
-        """Class accuracy and domain FID of a sample set, and its Inception FID if ``inception``."""
-        from st_ar.eval.domain import domain_fid_to
-        from st_ar.eval.inception import compute_features
-        from st_ar.eval.metrics import feature_stats, frechet_distance
-
-        with np.load(samples_npz) as z:
-            images, labels = z["arr_0"], z["labels"]
-        out = {
-            "samples": len(images),
-            "class_accuracy": self.classifier.class_accuracy(images, labels),
-            "domain_fid": domain_fid_to(self.classifier, images, self.real_domain),
-        }
-        if inception:
-            feats = compute_features(self.inception, images, batch_size=20, desc="Inception, samples")["pool"]
-            out["fid"] = frechet_distance(*feature_stats(feats), self.ref_stats["mu"], self.ref_stats["sigma"])
-        return out
-
-    def probe(self, model_path: str) -> dict:
-        from st_ar.eval.probe import probe_curve
-        from st_ar.models.gpt import GPT
-
-        model = GPT.from_checkpoint(model_path).eval()
-        layer = model.config.n_layer // 2
-        curve = probe_curve(
-            model, self.probe_train, self.probe_test, layer=layer, epochs=self.probe_epochs, seed=self.seed
-        ).accuracy
-        return {"layer": layer, **{str(s): a for s, a in curve.items()}}
-
-
-_evaluators: dict[str, StudyEvaluator] = {}
-
-
-def evaluator(dataset: str, data: dict[str, str]) -> StudyEvaluator:
-    if dataset not in _evaluators:
-        _evaluators[dataset] = StudyEvaluator(dataset, data)
-    return _evaluators[dataset]
-
 
 # --------------------------------------------------------------------------------------------------
 # One run, point by point
@@ -148,7 +76,7 @@ def train_to(cfg, step: int, out: str) -> dict:
     return compute
 
 
-def measure_point(run: study.Run, k: int, model: str, tokenizer: str, evaluate: StudyEvaluator) -> dict:
+def measure_point(run: study.Run, k: int, model: str, tokenizer: str, evaluate: pipeline.Evaluator) -> dict:
     """Every metric of the weights ``model`` at point ``k`` (1-based) of ``run``."""
     folder = os.path.dirname(model)
     seed = 1000 * run.seed + k  # a fresh sampling seed at every point, the same for every method
@@ -163,7 +91,8 @@ def measure_point(run: study.Run, k: int, model: str, tokenizer: str, evaluate: 
         **study.SAMPLING,
     )
     unguided = evaluate.samples(os.path.join(folder, "samples", "samples.npz"), k in run.inception_points)
-    point = {"unguided": unguided, "probe": evaluate.probe(model)}
+    probe = evaluate.probe(model)
+    point = {"unguided": unguided, "probe": {"layer": probe["layer"], **probe["accuracy"]}}
     if run.final and k == study.POINTS:
         guided = os.path.join(folder, "samples-guided")
         pipeline.sample_model(
@@ -204,7 +133,7 @@ def execute(run: study.Run, work: str, on_point=None) -> dict:
             continue
         print(f"[{run.key}] point {k}/{len(points)}: training to step {step} of {cfg.train.steps}", flush=True)
         compute = train_to(cfg, step, out)
-        evaluate = evaluate or evaluator(run.dataset, data)
+        evaluate = evaluate or evaluator(run.dataset, data, study.EVALUATION)
         from st_ar.train.loop import export_folder
 
         point = {

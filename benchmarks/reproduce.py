@@ -98,14 +98,16 @@ def prepare_data(dataset: str, work: str, codes_settings: dict = CODES, codes_na
     return {"tokenizer": tokenizer, **codes}
 
 
-def evaluator(dataset: str, data: dict[str, str]) -> pipeline.Evaluator:
-    """The classifier, real-image features and probe codes of ``dataset``, prepared once per process."""
-    if dataset not in _evaluators:
-        _evaluators[dataset] = pipeline.Evaluator(data["train"], data["test"], dataset=dataset, **EVALUATION)
-    return _evaluators[dataset]
+def evaluator(dataset: str, data: dict[str, str], evaluation: dict = EVALUATION) -> pipeline.Evaluator:
+    """The classifier, real-image features and probe codes of ``dataset`` under the settings ``evaluation``
+    (the ablation's by default), prepared once per process."""
+    key = (dataset, data["train"], data["test"], tuple(sorted(evaluation.items())))
+    if key not in _evaluators:
+        _evaluators[key] = pipeline.Evaluator(data["train"], data["test"], dataset=dataset, **evaluation)
+    return _evaluators[key]
 
 
-_evaluators: dict[str, pipeline.Evaluator] = {}
+_evaluators: dict[tuple, pipeline.Evaluator] = {}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -222,11 +222,14 @@ def center_view_codes(folder: str, limit: int | None):
 
 class Evaluator:
     """What every model is measured against, prepared once: the domain classifier, real test images and
-    their Inception features, and the probe's codes (centre crops of train and test images).
+    their Inception statistics, and the probe's codes (centre crops of train and test images).
 
-    ``test_images`` real test images (a random subset, from ``seed``) are the reference of the domain FID;
-    the first ``fid_samples`` of them that of the Inception FID. The probe trains on the first
-    ``probe_train_images`` of ``train_codes`` for ``probe_epochs`` and is tested on all of ``test_codes``.
+    ``test_images`` real test images (a random subset, from ``seed``; None: all of them) are the reference
+    of the domain FID. ``fid_samples`` None measures every sample's Inception features against all test
+    images, whose statistics are cached (eval/fid.reference_statistics); a number N measures a random N of
+    the samples against the first N of those real images. The probe trains on the first
+    ``probe_train_images`` of ``train_codes`` for ``probe_epochs`` and is tested on the first
+    ``probe_test_images`` of ``test_codes`` (None: all).
     """
 
     def __init__(
@@ -235,18 +238,22 @@ class Evaluator:
         test_codes: str,
         *,
         dataset: str,
-        test_images: int,
-        classifier_images: int,
+        classifier_images: int | None,
         classifier_epochs: int,
-        fid_samples: int,
         probe_train_images: int,
         probe_epochs: int,
         seed: int,
+        test_images: int | None = None,
+        fid_samples: int | None = None,
+        probe_test_images: int | None = None,
     ):
         from .eval.domain import DomainClassifier, dataset_arrays
+        from .eval.fid import reference_statistics
         from .eval.inception import InceptionFeatures, compute_features
         from .eval.metrics import feature_stats
 
+        if fid_samples is None and test_images is not None:
+            raise ValueError("fid_samples None compares with every test image: give fid_samples, or no test_images")
         self.seed, self.probe_epochs = seed, probe_epochs
         self.classifier = DomainClassifier.load_or_train(
             dataset, epochs=classifier_epochs, max_images=classifier_images, seed=seed
@@ -254,40 +261,61 @@ class Evaluator:
         self.real, real_labels, _ = dataset_arrays(dataset, "test", max_images=test_images, seed=seed)
         self.real_domain = feature_stats(self.classifier.features(self.real))  # (mu, sigma), once for all models
         self.inception = InceptionFeatures()
-        self.n_fid = min(fid_samples, len(self.real))
-        ref = compute_features(self.inception, self.real[: self.n_fid], batch_size=20, desc="Inception, real images")
-        self.ref_stats = feature_stats(ref["pool"])
+        if fid_samples is None:  # every test image: statistics cached across runs and processes
+            self.n_fid = None
+            stats, _ = reference_statistics(dataset, self.inception, ref_split="test", batch_size=20)
+            self.ref_stats = (stats["mu"], stats["sigma"])
+        else:
+            self.n_fid = min(fid_samples, len(self.real))
+            ref = compute_features(
+                self.inception, self.real[: self.n_fid], batch_size=20, desc="Inception, real images"
+            )
+            self.ref_stats = feature_stats(ref["pool"])
         self.probe_train = center_view_codes(train_codes, probe_train_images)
-        self.probe_test = center_view_codes(test_codes, None)
+        self.probe_test = center_view_codes(test_codes, probe_test_images)
         self.summary = {
             "classifier_test_accuracy": self.classifier.class_accuracy(self.real, real_labels),
-            "fid_reference_images": self.n_fid,
+            "fid_reference_images": self.n_fid or len(self.real),
             "real_test_images": len(self.real),
         }
 
-    def __call__(self, model_path: str, samples_npz: str) -> dict:
-        """Class accuracy and domain FID (small CNN), Inception FID, and the linear-probe curve of one model."""
+    def samples(self, samples_npz: str, inception: bool = True) -> dict:
+        """Class accuracy and domain FID (small CNN) of a sample set, and its Inception FID if ``inception``."""
         from .eval.domain import domain_fid_to
         from .eval.inception import compute_features
         from .eval.metrics import feature_stats, frechet_distance
-        from .eval.probe import probe_curve
-        from .models.gpt import GPT
 
         with np.load(samples_npz) as z:
             images, labels = z["arr_0"], z["labels"]
-        # samples come in class order: a random subset keeps every class in the FID sample
-        pick = np.random.default_rng(self.seed).permutation(len(images))[: self.n_fid]
-        feats = compute_features(self.inception, images[pick], batch_size=20, desc="Inception, samples")["pool"]
+        out = {
+            "samples": len(images),
+            "class_accuracy": self.classifier.class_accuracy(images, labels),
+            "domain_fid": domain_fid_to(self.classifier, images, self.real_domain),
+        }
+        if inception:
+            if self.n_fid is not None:
+                # samples come in class order: a random subset keeps every class in the FID sample
+                images = images[np.random.default_rng(self.seed).permutation(len(images))[: self.n_fid]]
+            feats = compute_features(self.inception, images, batch_size=20, desc="Inception, samples")["pool"]
+            out["fid"] = frechet_distance(*feature_stats(feats), *self.ref_stats)
+            out["fid_samples"] = len(images)
+        return out
+
+    def probe(self, model_path: str) -> dict:
+        """The linear probe's accuracy at every probed step of one model, at its middle layer."""
+        from .eval.probe import probe_curve
+        from .models.gpt import GPT
+
         model = GPT.from_checkpoint(model_path).eval()
         layer = model.config.n_layer // 2
         curve = probe_curve(
             model, self.probe_train, self.probe_test, layer=layer, epochs=self.probe_epochs, seed=self.seed
         ).accuracy
-        return {
-            "class_accuracy": self.classifier.class_accuracy(images, labels),
-            "domain_fid": domain_fid_to(self.classifier, images, self.real_domain),
-            "fid": frechet_distance(*feature_stats(feats), *self.ref_stats),
-            "fid_samples": len(pick),
-            "probe_layer": layer,
-            "probe": {str(s): a for s, a in curve.items()},
-        }
+        return {"layer": layer, "accuracy": {str(s): a for s, a in curve.items()}}
+
+    def __call__(self, model_path: str, samples_npz: str) -> dict:
+        """Every metric of one model: its samples' (with Inception FID) and its probe curve."""
+        measured = self.samples(samples_npz)
+        del measured["samples"]
+        probe = self.probe(model_path)
+        return {**measured, "probe_layer": probe["layer"], "probe": probe["accuracy"]}
