@@ -12,6 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import compute_study  # noqa: E402
 import study  # noqa: E402
 
+from st_ar import pipeline  # noqa: E402
+
 
 def test_every_method_gets_the_baseline_budget_split_in_eighths(tiny_codes, tmp_path):
     out = str(tmp_path / "run")
@@ -155,3 +157,9 @@ def test_report_gives_speedup_spread_and_flatness(tmp_path, monkeypatch):
     assert "| star-paper | not run yet |" in text
     for kind in ("fid", "probe"):
         assert (tmp_path / "results" / f"compute-{kind}-{study.MAIN}.png").stat().st_size > 1000
+
+
+def test_an_evaluator_with_a_subset_of_real_images_but_no_fid_sample_size_is_refused():
+    # fid_samples None means "against every test image": with a subset that would silently mean fewer
+    with pytest.raises(ValueError, match="fid_samples None compares with every test image"):
+        pipeline.Evaluator("train", "test", dataset="fashion-mnist", test_images=500, **study.EVALUATION)
