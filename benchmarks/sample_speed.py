@@ -12,6 +12,7 @@ Measures, in one process and one run (so the figures can be compared with each o
     so weight bytes / bandwidth bounds it from below; each route prints the share of that floor
     it reaches (floor / measured);
   - the matmul floor: the same step's linear layers alone at 2N rows (weights read once);
+  - on CPU, one cached step with the layers' few-rows route (W @ xᵀ, the default) against F.linear;
   - recomputation: one full forward over the whole prefix (what a step costs without a cache)
     at several prefix lengths, against a cached step at the same length;
   - bf16 weights/activations: the same generation, and its agreement with fp32 (share of
@@ -213,6 +214,13 @@ def bench(
             f"| {name} | bf16 vs fp32 greedy tokens | | | identical: {free:.1%} free-running, "
             f"{forced:.1%} teacher-forced |"
         )
+    if device == "cpu":
+        prefix = min(128, model.config.block_size)
+        few, plain = few_rows_step_ms(model, rows, prefix)
+        lines.append(
+            f"| {name} | step at {prefix} tokens: few-rows linear vs F.linear | {few:.1f} vs {plain:.1f} | | "
+            f"few-rows route {plain / few:.2f}x the speed |"
+        )
     if freeze:
         shared, frozen, seconds = frozen_step_ms(model, rows, num_tokens // 2)
         lines.append(
@@ -222,6 +230,24 @@ def bench(
     for kind in stored_weights:
         lines += stored_weights_route(name, kind, classes, num_tokens, cfg, results[("fp32", False)], bandwidth)
     return lines
+
+
+def few_rows_step_ms(model: GPT, rows: int, prefix: int) -> tuple[float, float]:
+    """A cached fp32 step with the layers' few-rows CPU route (models/layers.Linear, the default) and
+    without it (F.linear for every row count), alternating: (few-rows ms, F.linear ms)."""
+    from st_ar.models.layers import Linear
+
+    times = {"few": [], "plain": []}
+    default = Linear.FEW_ROWS
+    try:
+        for _ in range(2):
+            Linear.FEW_ROWS = 0
+            times["plain"].append(cached_step_ms(model, rows, prefix))
+            Linear.FEW_ROWS = default
+            times["few"].append(cached_step_ms(model, rows, prefix))
+    finally:
+        Linear.FEW_ROWS = default
+    return min(times["few"]), min(times["plain"])
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from st_ar.models.gpt import GPT, GPT_PRESETS, GPTConfig, drop_labels
-from st_ar.models.layers import apply_rope, rope_2d_table
+from st_ar.models.layers import Linear, apply_rope, rope_2d_table
 from st_ar.objectives.masks import key_masked_causal_mask
 from st_ar.sampling import KVCache
 
@@ -265,3 +265,30 @@ def test_attention_maps_are_causal_distributions_and_do_not_change_the_output():
     hidden[:, 3] = True
     masked = model(idx, cond, attn_mask=key_masked_causal_mask(hidden), return_attention=(2,)).attention[2]
     assert masked[:, :, 4:, 3].abs().max() == 0 and (masked[:, :, 3, 3] > 0).all()
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 48), (2, 3, 48), (16, 48), (17, 48), (2, 0, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_linear_route_equals_f_linear_with_gradients(shape, bias, monkeypatch):
+    # 1..16 rows take W @ xᵀ (the decode route), others F.linear: both must be the same layer
+    torch.manual_seed(0)
+    layer = Linear(48, 40, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or linear(*a))
+    y = layer(x)
+    monkeypatch.undo()
+    rows = math.prod(shape[:-1])
+    assert len(calls) == (0 if 0 < rows <= Linear.FEW_ROWS else 1)  # the route the row count calls for
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = F.linear(ref_x, layer.weight, layer.bias)
+    assert y.shape == ref.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    if y.numel():
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        grad_w = layer.weight.grad.clone()
+        layer.weight.grad = None
+        (ref * torch.arange(ref.numel()).reshape(ref.shape)).sum().backward()
+        torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(grad_w, layer.weight.grad, atol=1e-4, rtol=1e-5)

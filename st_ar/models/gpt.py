@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .layers import (
     ATTENTION_BACKENDS,
+    Linear,
     RMSNorm,
     TransformerBlock,
     block_mask_from_dense,
@@ -202,7 +203,7 @@ class GPT(nn.Module):
         rates = [config.drop_path_rate * i / max(config.n_layer - 1, 1) for i in range(config.n_layer)]
         self.layers = nn.ModuleList(TransformerBlock(config, rate) for rate in rates)
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         # Not in the state dict (LlamaGen files have none); kept fp32 by _apply below.
         self.register_buffer("freqs_cis", self._rope_table(), persistent=False)
         # recompute each block in the backward pass instead of storing its activations
