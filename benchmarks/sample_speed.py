@@ -232,22 +232,32 @@ def bench(
     return lines
 
 
+def alternating_best(fns: dict, rounds: int = 2) -> dict:
+    """The best of ``rounds`` calls of each of ``fns`` (name -> timing function), called in turn so that a
+    drift in the machine's speed hits every one alike."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(fn())
+    return {name: min(t) for name, t in times.items()}
+
+
 def few_rows_step_ms(model: GPT, rows: int, prefix: int) -> tuple[float, float]:
     """A cached fp32 step with the layers' few-rows CPU route (models/layers.Linear, the default) and
     without it (F.linear for every row count), alternating: (few-rows ms, F.linear ms)."""
     from st_ar.models.layers import Linear
 
-    times = {"few": [], "plain": []}
     default = Linear.FEW_ROWS
+
+    def step(few_rows: int) -> float:
+        Linear.FEW_ROWS = few_rows
+        return cached_step_ms(model, rows, prefix)
+
     try:
-        for _ in range(2):
-            Linear.FEW_ROWS = 0
-            times["plain"].append(cached_step_ms(model, rows, prefix))
-            Linear.FEW_ROWS = default
-            times["few"].append(cached_step_ms(model, rows, prefix))
+        best = alternating_best({"plain": lambda: step(0), "few": lambda: step(default)})
     finally:
         Linear.FEW_ROWS = default
-    return min(times["few"]), min(times["plain"])
+    return best["few"], best["plain"]
 
 
 @torch.no_grad()
@@ -268,11 +278,13 @@ def frozen_step_ms(model: GPT, rows: int, pos: int) -> tuple[float, float, float
     frozen(token, position, cache)
     seconds = time.perf_counter() - start
     shared(model, token, position, cache)
-    times = {"shared": [], "frozen": []}
-    for _ in range(2):  # alternate, so that a drift in the machine's speed hits both
-        times["shared"].append(timed(lambda: shared(model, token, position, cache), repeats=10))
-        times["frozen"].append(timed(lambda: frozen(token, position, cache), repeats=10))
-    return min(times["shared"]) * 1e3, min(times["frozen"]) * 1e3, seconds
+    best = alternating_best(
+        {
+            "shared": lambda: timed(lambda: shared(model, token, position, cache), repeats=10),
+            "frozen": lambda: timed(lambda: frozen(token, position, cache), repeats=10),
+        }
+    )
+    return best["shared"] * 1e3, best["frozen"] * 1e3, seconds
 
 
 def stored_weights_route(name, kind, classes, num_tokens, cfg, fp32_seconds, bandwidth) -> list[str]:
