@@ -16,13 +16,16 @@ Measures, in one process and one run (so the figures can be compared with each o
   - recomputation: one full forward over the whole prefix (what a step costs without a cache)
     at several prefix lengths, against a cached step at the same length;
   - bf16 weights/activations: the same generation, and its agreement with fp32 (share of
-    identical greedy tokens, free-running and teacher-forced).
+    identical greedy tokens, free-running and teacher-forced);
+  - with --profile, where the time of one eager fp32 generation goes (torch.profiler, by operator),
+    and so how much fusing everything but the linear layers' matmuls could gain at most.
 
     python benchmarks/sample_speed.py                        # GPT-B and GPT-S, 4 images, 256 tokens
     python benchmarks/sample_speed.py --models GPT-S --tokens 64
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-compile --no-bf16 --int8   # int8
     python benchmarks/sample_speed.py --models GPT-B --no-recompute --fp16-weights   # fp16 packed weights
     python benchmarks/sample_speed.py --models GPT-B,GPT-S --no-recompute --no-bf16 --no-compile --freeze
+    python benchmarks/sample_speed.py --models GPT-B --no-recompute --no-bf16 --no-compile --profile
     python benchmarks/sample_speed.py --device cuda --no-recompute   # on a GPU
 """
 
@@ -155,6 +158,7 @@ def bench(
     stored_weights: tuple[str, ...] = (),
     bf16: bool = True,
     freeze: bool = False,
+    profile: bool = False,
 ) -> list[str]:
     rows = 2 * images if cfg != 1.0 else images
     classes = torch.arange(images, device=device)
@@ -227,6 +231,8 @@ def bench(
             f"| {name} | step at {num_tokens // 2} tokens: static compiled vs frozen weights | {shared:.1f} vs "
             f"{frozen:.1f} | | frozen {shared / frozen:.2f}x the speed; its compile {seconds:.0f} s |"
         )
+    if profile:
+        lines += operator_shares(name, model, classes, num_tokens, cfg)
     for kind in stored_weights:
         lines += stored_weights_route(name, kind, classes, num_tokens, cfg, results[("fp32", False)], bandwidth)
     return lines
@@ -258,6 +264,33 @@ def few_rows_step_ms(model: GPT, rows: int, prefix: int) -> tuple[float, float]:
     finally:
         Linear.FEW_ROWS = default
     return best["few"], best["plain"]
+
+
+def operator_shares(
+    name: str, model: GPT, classes: torch.Tensor, num_tokens: int, cfg: float, top: int = 8
+) -> list[str]:
+    """Table rows: the operators taking the most self time in one eager generation, with their shares."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = lambda: generate(model, classes, num_tokens=num_tokens, cfg_scale=cfg)  # noqa: E731
+    run()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        run()
+        ms = (time.perf_counter() - start) / num_tokens * 1e3
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    head = "under the profiler; self CPU time by operator below"
+    lines = [f"| {name} | profiled eager fp32 generation | {ms:.1f} | | {head} |"]
+    for e in events[:top]:
+        share = e.self_cpu_time_total / total
+        lines.append(f"| | {e.key} | | | {share:.1%} of the time, {e.count // num_tokens} calls per step |")
+    mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm")) / total
+    lines.append(
+        f"| | linear layers' matmuls (aten::mm, aten::addmm) | | | {mm:.1%}: fusing everything else away would "
+        f"make a step at most {1 / mm:.2f}x faster |"
+    )
+    return lines
 
 
 @torch.no_grad()
@@ -335,10 +368,13 @@ def main() -> None:
         "--fp16-weights", action="store_true", help="also fbgemm-packed fp16 weights, fp32 activations (CPU opt-in)"
     )
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 routes (slow where bf16 has no fast kernels)")
+    p.add_argument("--profile", action="store_true", help="also where one eager fp32 generation spends its time")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.profile and device.type != "cpu":
+        p.error("--profile splits CPU time by operator (a GPU step's time is on the device): drop --profile")
     if args.freeze and device.type != "cpu":
         p.error("--freeze compares CPU steps (a CUDA step runs under CUDA graphs): drop --freeze")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -362,6 +398,7 @@ def main() -> None:
             stored_weights=("int8",) * args.int8 + ("fp16",) * args.fp16_weights,
             bf16=not args.no_bf16,
             freeze=args.freeze,
+            profile=args.profile,
         ):
             print(line, flush=True)
 
