@@ -38,6 +38,14 @@ def method_runs(results: dict[str, dict], dataset: str, method: str, final_only:
     ]
 
 
+def curve_runs(results: dict[str, dict], dataset: str, method: str) -> list[dict]:
+    """The finished runs a method's curves and speed-up come from: its final runs once one has finished,
+    else its screening run. The screen's seed chose the final methods, so pooling it with their final
+    seeds would favour them."""
+    done = [r for r in method_runs(results, dataset, method) if len(r["points"]) == study.POINTS]
+    return [r for r in done if r["final"]] or done
+
+
 def mean_curve(runs: list[dict], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Compute, mean, min and max over the runs, at the points every run has measured."""
     curves = [dict(zip(*(a.tolist() for a in _point_curve(r, name)))) for r in runs]
@@ -145,15 +153,15 @@ def final_table(results: dict[str, dict], dataset: str) -> list[str]:
 
 def speedup_table(results: dict[str, dict], dataset: str) -> list[str]:
     """The compute each method needs to reach the baseline's final FID, as a fraction of the budget."""
-    base = [r for r in method_runs(results, dataset, "baseline") if len(r["points"]) == study.POINTS]
+    base = curve_runs(results, dataset, "baseline")
     if not base:
         return ["(no finished baseline yet)"]
     lines = [
-        "| method | runs | reaches the baseline's final FID at | reaches its final domain FID at |",
+        "| method | seeds | reaches the baseline's final FID at | reaches its final domain FID at |",
         "|---|---|---|---|",
     ]
     for method in study.METHODS:
-        runs = [r for r in method_runs(results, dataset, method) if len(r["points"]) == study.POINTS]
+        runs = curve_runs(results, dataset, method)
         if not runs:
             continue
         cells = []
@@ -163,7 +171,7 @@ def speedup_table(results: dict[str, dict], dataset: str) -> list[str]:
             hit = reach(x, y, target) if len(x) else None
             budget = runs[0]["budget_flops"]
             cells.append(f"{hit / budget:.2f}x the budget" if hit is not None else "not within the budget")
-        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -193,25 +201,27 @@ def figure(results: dict[str, dict], dataset: str, names: list[tuple[str, str]],
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2))
-    drawn = False
+    legend = {}  # method -> line: one legend for both panels, a colour per method in every figure
     for ax, (name, label) in zip(np.atleast_1d(axes), names):
-        for method in study.METHODS:
-            runs = [r for r in method_runs(results, dataset, method) if r["points"]]
-            if not runs:
-                continue
+        for i, method in enumerate(study.METHODS):
+            runs = curve_runs(results, dataset, method)
             x, mean, lo, hi = mean_curve(runs, name)
             if not len(x):
                 continue
-            drawn = True
-            line = ax.plot(x / 1e15, mean * scale, marker="o", ms=3, label=f"{method} ({len(runs)})")[0]
+            which = "final" if runs[0]["final"] else "screen"
+            seeds = ", ".join(str(r["seed"]) for r in runs)
+            legend[method] = ax.plot(
+                x / 1e15, mean * scale, marker="o", ms=3, color=f"C{i}", label=f"{method} ({which}, seed {seeds})"
+            )[0]
             if len(runs) > 1:
-                ax.fill_between(x / 1e15, lo * scale, hi * scale, color=line.get_color(), alpha=0.2)
+                ax.fill_between(x / 1e15, lo * scale, hi * scale, color=f"C{i}", alpha=0.2)
         ax.set_xlabel("training compute (PFLOP, analytic)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    drawn = bool(legend)
     if drawn:
-        np.atleast_1d(axes)[0].legend(fontsize=7)
-        fig.suptitle(f"{dataset}: every method at equal compute (line: mean over seeds, band: range)")
+        np.atleast_1d(axes)[0].legend(handles=[legend[m] for m in study.METHODS if m in legend], fontsize=7)
+        fig.suptitle(f"{dataset}: every method at equal compute (finished runs; line: mean over seeds, band: range)")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -242,7 +252,8 @@ def write_report(runs) -> None:
             "",
         ]
         parts += [
-            "Compute needed to reach the baseline's final figure (mean curve over seeds):",
+            "Compute needed to reach the baseline's final figure (mean curve over a method's finished final runs, "
+            "or over its screening run while none has finished):",
             "",
             *speedup_table(results, dataset),
             "",
