@@ -186,14 +186,18 @@ def schedule(run: Run, codes: str, out: str) -> tuple[RunConfig, list[int]]:
 
 def plan() -> list[Run]:
     """Every run, in the order the study takes them: the screen on the main set (one seed), then the final
-    runs (the baseline and the settings chosen from the screen on new seeds), then the second set. The
-    final runs appear once the screen is complete and ``final_methods`` has chosen them."""
+    runs on new seeds: the main pair (the baseline and the best setting of the screen) on the main set and
+    on the second, then a runner-up on the main set. The main pair comes first because it alone answers
+    the question, on both sets; a runner-up only adds a second ST-AR setting. The final runs appear once
+    the screen is complete and ``final_methods`` has chosen them."""
     runs = [Run(MAIN, method, SCREEN_SEED) for method in METHODS]
     chosen = final_methods()
     if chosen is None:
         return runs
-    runs += [Run(MAIN, method, seed, final=True) for seed in FINAL_SEEDS for method in chosen]
-    runs += [Run(SECOND, method, seed, final=True) for seed in SECOND_SEEDS for method in chosen[:2]]
+    pair, others = chosen[:2], chosen[2:]
+    runs += [Run(MAIN, method, seed, final=True) for seed in FINAL_SEEDS for method in pair]
+    runs += [Run(SECOND, method, seed, final=True) for seed in SECOND_SEEDS for method in pair]
+    runs += [Run(MAIN, method, seed, final=True) for seed in FINAL_SEEDS for method in others]
     return runs
 
 
