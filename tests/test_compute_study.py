@@ -83,7 +83,8 @@ def test_plan_runs_the_main_pair_on_both_sets_before_a_runner_up(monkeypatch):
     assert finals == pair + runner_up
     assert {r.dataset for r in runner_up} == {study.MAIN} and {r.seed for r in runner_up} == set(study.FINAL_SEEDS)
     assert [(r.dataset, r.seed) for r in pair[:2]] == [(study.MAIN, study.FINAL_SEEDS[0])] * 2
-    assert {r.dataset for r in pair} == {study.MAIN, study.SECOND} and len(pair) == 2 * (len(study.FINAL_SEEDS) + len(study.SECOND_SEEDS))
+    assert {r.dataset for r in pair} == {study.MAIN, study.SECOND}
+    assert len(pair) == 2 * (len(study.FINAL_SEEDS) + len(study.SECOND_SEEDS))
 
 
 def test_a_point_is_trained_once_and_a_lost_export_is_trained_again_identically(tiny_codes, tmp_path, monkeypatch):
