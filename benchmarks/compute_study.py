@@ -8,10 +8,11 @@ and measured at every eighth of the budget, resumable point by point.
 
 The runs, budgets and protocol are defined in benchmarks/study.py. Each run writes
 benchmarks/results/compute/<dataset>/<run>.json, rewritten (and with --commit committed) after every
-compute point, so a study stopped anywhere keeps every point measured so far and continues on any
-machine: a point whose exported weights are gone is trained again from the run's checkpoint, or from
-the start (training is exactly reproducible from the seed). Checkpoints, codes and samples live under
---work (not committed).
+compute point, so a study stopped anywhere keeps every point measured so far: a point whose exported
+weights are gone is trained again from the run's checkpoint, or from the start. Training again from the
+start is bit-identical on the same machine and work folder, but not after the work folder (tokenizer,
+codes) is rebuilt or on another machine: a run continued that way must be measured again from point 1.
+Checkpoints, codes and samples live under --work (not committed).
 """
 
 from __future__ import annotations
