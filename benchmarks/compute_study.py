@@ -57,21 +57,25 @@ def train_to(cfg, step: int, out: str) -> dict:
 
     folder = export_folder(cfg, step)
     record = os.path.join(folder, "compute.json")
-    if os.path.isfile(record) and os.path.isfile(os.path.join(folder, "model.pt")):
+    model = os.path.join(folder, "model.pt")
+    if os.path.isfile(record) and os.path.isfile(model):
         with open(record) as f:
             return json.load(f)
-    ckpt = checkpoint_path(cfg)
-    saved = read_checkpoint(ckpt) if os.path.isfile(ckpt) else None
-    exported = os.path.isfile(os.path.join(folder, "model.pt"))
-    if saved is not None and saved["step"] == step and exported:  # stopped between the export and this record
-        summary = {"step": step, **saved["compute"]}
+    exported = read_checkpoint(model) if os.path.isfile(model) else None
+    if exported is not None and "compute" in exported:  # the export carries its compute: nothing to train
+        summary = {"step": step, **exported["compute"]}
     else:
-        if saved is not None and saved["step"] >= step:
-            print(f"  the checkpoint is at or past step {step} and its export is gone: training again from the start")
-            shutil.rmtree(out)
-        summary = train_run(cfg, stop_at=step)
-        if summary["step"] != step:
-            raise KeyboardInterrupt  # Ctrl-C: the checkpoint is saved, the next call resumes
+        ckpt = checkpoint_path(cfg)
+        saved = read_checkpoint(ckpt) if os.path.isfile(ckpt) else None
+        if saved is not None and saved["step"] == step and exported is not None:  # exported before compute was kept
+            summary = {"step": step, **saved["compute"]}
+        else:
+            if saved is not None and saved["step"] >= step:
+                print(f"  the checkpoint is at or past step {step} and its export is gone: training again from the start")
+                shutil.rmtree(out)
+            summary = train_run(cfg, stop_at=step)
+            if summary["step"] != step:
+                raise KeyboardInterrupt  # Ctrl-C: the checkpoint is saved, the next call resumes
     compute = {"step": step, "flops": summary["flops"], "train_seconds": round(summary["train_seconds"], 1)}
     write_json_atomic(record, compute)
     return compute

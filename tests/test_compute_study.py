@@ -91,7 +91,7 @@ def test_a_point_is_trained_once_and_a_lost_export_is_trained_again_identically(
     import torch
 
     from st_ar.models.loading import read_checkpoint
-    from st_ar.train.loop import export_folder
+    from st_ar.train.loop import checkpoint_path, export_folder
 
     monkeypatch.setattr(study, "BUDGET_STEPS", 8)
     out = str(tmp_path / "run")
@@ -101,9 +101,13 @@ def test_a_point_is_trained_once_and_a_lost_export_is_trained_again_identically(
     assert first["step"] == points[1] and first["flops"] == pytest.approx(study.flops_after(cfg, points[1]))
     assert compute_study.train_to(cfg, points[1], out) == first  # measured already: nothing trains
     os.remove(os.path.join(export_folder(cfg, points[1]), "compute.json"))  # stopped before the record
-    assert compute_study.train_to(cfg, points[1], out) == first  # read back from the checkpoint
+    assert compute_study.train_to(cfg, points[1], out) == first  # read back from the export
     weights = read_checkpoint(os.path.join(export_folder(cfg, points[1]), "model.pt"))["model"]
-    compute_study.train_to(cfg, points[3], out)
+    compute_study.train_to(cfg, points[-1], out)
+    passed = min(p for p in points if p > points[1])  # exported on the way to the end, never asked for
+    assert not os.path.exists(os.path.join(export_folder(cfg, passed), "compute.json"))
+    assert compute_study.train_to(cfg, passed, out)["flops"] == pytest.approx(study.flops_after(cfg, passed))
+    assert read_checkpoint(checkpoint_path(cfg))["step"] == points[-1]  # nothing was trained again
     os.remove(os.path.join(export_folder(cfg, points[1]), "model.pt"))  # the export is lost, the run is past it
     again = compute_study.train_to(cfg, points[1], out)
     assert again["flops"] == first["flops"]

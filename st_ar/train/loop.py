@@ -512,7 +512,9 @@ def _export(state: TrainState, out: str | None = None) -> None:
         return
     out = out or state.cfg.train.out_dir
     os.makedirs(out, exist_ok=True)
-    meta = {"step": state.step, "run_config": to_dict(state.cfg)}
+    # the compute spent to reach these weights travels with them, so an evaluation along the run needs no other record
+    compute = {"flops": state.flops, "train_seconds": state.train_seconds}
+    meta = {"step": state.step, "run_config": to_dict(state.cfg), "compute": compute}
     save_gpt(os.path.join(out, "model.pt"), state.student.config, weights["model"], **meta)
     if weights["teacher"] is not None:
         save_gpt(os.path.join(out, "ema.pt"), state.student.config, weights["teacher"], **meta)
