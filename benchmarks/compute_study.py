@@ -11,7 +11,8 @@ benchmarks/results/compute/<dataset>/<run>.json, rewritten (and with --commit co
 compute point, so a study stopped anywhere keeps every point measured so far: a point whose exported
 weights are gone is trained again from the run's checkpoint, or from the start. Training again from the
 start is bit-identical on the same machine and work folder, but not after the work folder (tokenizer,
-codes) is rebuilt or on another machine: a run continued that way must be measured again from point 1.
+codes) is rebuilt or on another machine: a run whose run folder is gone before it finished is therefore
+measured again from point 1, its earlier points kept in the result under "superseded".
 Checkpoints, codes and samples live under --work (not committed).
 """
 
@@ -71,7 +72,7 @@ def train_to(cfg, step: int, out: str) -> dict:
             summary = {"step": step, **saved["compute"]}
         else:
             if saved is not None and saved["step"] >= step:
-                print(f"  the checkpoint is at or past step {step} and its export is gone: training again from the start")
+                print(f"  the checkpoint is at or past step {step}, its export is gone: training again from the start")
                 shutil.rmtree(out)
             summary = train_run(cfg, stop_at=step)
             if summary["step"] != step:
@@ -108,6 +109,19 @@ def measure_point(run: study.Run, k: int, model: str, tokenizer: str, evaluate: 
     return point
 
 
+def supersede_lost_training(result: dict, out: str, key: str) -> None:
+    """An unfinished result whose run folder ``out`` is gone starts again from point 1: the training its
+    points measured is lost, and one trained again from the seed is not bit-identical after the work
+    folder is rebuilt. The old points stay in the result, under "superseded"."""
+    done = len(result["points"])
+    if done == 0 or done == len(result["point_steps"]) or os.path.isdir(out):
+        return
+    print(f"[{key}] the training of points 1-{done} is gone: measuring from point 1 again", flush=True)
+    why = f"points 1-{done} of a training whose run folder was lost before the run finished"
+    result.setdefault("superseded", []).append({"why": why, "points": result["points"]})
+    result["points"] = []
+
+
 def execute(run: study.Run, work: str, on_point=None) -> dict:
     """Train and measure ``run`` at every point it has no result for; the result after each point is
     written (and handed to ``on_point``)."""
@@ -132,6 +146,7 @@ def execute(run: study.Run, work: str, on_point=None) -> dict:
             f"{run.result_path} was measured on other steps {result['point_steps']} than {points}; "
             "the budget changed: move the old result away"
         )
+    supersede_lost_training(result, out, run.key)
     evaluate = None
     for k, step in enumerate(points, 1):
         if len(result["points"]) >= k:

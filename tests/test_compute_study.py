@@ -117,6 +117,21 @@ def test_a_point_is_trained_once_and_a_lost_export_is_trained_again_identically(
         assert json.load(f)["step"] == points[1]
 
 
+def test_an_unfinished_run_whose_training_is_lost_is_measured_again_from_point_1(tmp_path):
+    steps = [100 * k for k in range(1, study.POINTS + 1)]
+    unfinished = {"point_steps": steps, "points": [{"point": 1}, {"point": 2}]}
+    kept = str(tmp_path / "run")
+    os.makedirs(kept)
+    compute_study.supersede_lost_training(unfinished, kept, "fashion-mnist/baseline-s1")
+    assert len(unfinished["points"]) == 2 and "superseded" not in unfinished  # the training is there: resume
+    lost = str(tmp_path / "gone")
+    compute_study.supersede_lost_training(unfinished, lost, "fashion-mnist/baseline-s1")
+    assert unfinished["points"] == [] and unfinished["superseded"][0]["points"] == [{"point": 1}, {"point": 2}]
+    finished = {"point_steps": steps, "points": [{"point": k} for k in range(1, study.POINTS + 1)]}
+    compute_study.supersede_lost_training(finished, lost, "fashion-mnist/baseline-s1")
+    assert len(finished["points"]) == study.POINTS  # nothing left to train: its points stand
+
+
 def _fake_result(run, fids, probe8):
     """A finished run whose Inception FID is ``fids[k]`` at point k + 1 (None: not measured there)."""
     budget = 8e12
