@@ -31,6 +31,7 @@ import study  # noqa: E402  (benchmarks/study.py: the runs and their settings)
 from reproduce import commit, evaluator, machine, prepare_data  # noqa: E402
 
 from st_ar import pipeline  # noqa: E402
+from st_ar.data.codes import read_codes_meta  # noqa: E402
 from st_ar.runfolder import write_json_atomic  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +163,10 @@ def execute(run: study.Run, work: str, on_point=None) -> dict:
             **measure_point(run, k, os.path.join(export_folder(cfg, step), "model.pt"), data["tokenizer"], evaluate),
         }
         result["points"].append(point)
-        result.update(evaluation=evaluate.summary, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+        # which tokenizer the training saw: a rebuilt work folder trains another, so runs can differ by it
+        tokenizer = read_codes_meta(data["train"])["tokenizer_sha256"]
+        date = time.strftime("%Y-%m-%d %H:%M")
+        result.update(evaluation=evaluate.summary, tokenizer_sha256=tokenizer, machine=machine(), date=date)
         write_json_atomic(run.result_path, result)
         u = point["unguided"]
         fid = f", FID {u['fid']:.2f}" if "fid" in u else ""
