@@ -352,11 +352,15 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(mnist_codes, tmp_pa
     tiles = [[g[2 + r * 18 : r * 18 + 18, 2 + c * 18 : c * 18 + 18] for r in range(2) for c in range(8)] for g in grids]
     assert sum(np.array_equal(x, y) for x, y in zip(*tiles)) >= 14
     # Adam divides by the gradient's own scale, so summation-order noise in tiny gradients shows
-    # up as ~1e-5 in the weights; a real difference (another batch, other initial weights) moves
-    # them by the step size, 1e-3 per step
+    # up as ~1e-5 in the weights, and in a weight whose gradient is a near-cancelling sum of the order
+    # of Adam's eps as ~1e-4 (one such weight in 65 536 on some CPUs); a real difference (another
+    # batch, other initial weights) moves most weights by the step size, 1e-3 per step
     for part in ("student", "teacher"):
         for k in a[part]:
-            torch.testing.assert_close(a[part][k], b[part][k], atol=1e-4, rtol=0, msg=f"{part}.{k}")
+            gap = (a[part][k] - b[part][k]).abs()
+            far = int((gap > 1e-4).sum())
+            assert far <= max(1, gap.numel() // 1000), f"{part}.{k}: {far} of {gap.numel()} weights differ by > 1e-4"
+            assert gap.mean() < 1e-5, f"{part}.{k}: weights differ by {gap.mean():.1e} on average"
 
 
 def cli_flags(codes, out, *overrides):
