@@ -74,7 +74,7 @@ def reference_statistics(
 def save_statistics(path: str, stats: dict[str, np.ndarray], model: InceptionFeatures, source: str) -> None:
     """Write the mu/sigma of ``stats`` as a precomputed reference for ``--ref`` (no features: FID only),
     with the network's content hash, checked when it is read, and ``source``, what the images were.
-    sigma is kept in float32, half the bytes: it moves an FID near 100 by about 1e-5."""
+    sigma is kept in float32, half the bytes: it moved FIDs of 5.6 to 140 by under 1e-6 (Fashion-MNIST)."""
     out = {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float32)}
     out.update(network_sha256=np.array(file_sha256(model.path)), source=np.array(source))
     atomic_write(path, lambda f: np.savez_compressed(f, **out))
