@@ -151,6 +151,63 @@ def final_table(results: dict[str, dict], dataset: str) -> list[str]:
     return lines
 
 
+def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its ``level`` confidence interval by Welch's t (unequal variances)."""
+    from scipy import stats
+
+    a_, b_ = np.asarray(a, float), np.asarray(b, float)
+    va, vb = a_.var(ddof=1) / len(a_), b_.var(ddof=1) / len(b_)
+    diff = float(a_.mean() - b_.mean())
+    se = float(np.sqrt(va + vb))
+    if se == 0:
+        return diff, diff, diff
+    dof = (va + vb) ** 2 / (va**2 / (len(a_) - 1) + vb**2 / (len(b_) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+    return diff, diff - half, diff + half
+
+
+# the figures compared with the baseline's, and the sign that favours the method
+DIFFERENCES = (
+    ("fid", "FID", -1),
+    ("domain_fid", "domain FID", -1),
+    ("class_accuracy", "class acc.", 1),
+    ("probe_last", "probe last step", 1),
+)
+
+
+def difference_table(results: dict[str, dict], dataset: str) -> list[str]:
+    """Each final ST-AR method against the final baselines at the end of the budget: the difference of the
+    means and its 95% interval over seeds (Welch). Fixed before any final ST-AR run finished: a difference
+    counts as beyond the seed spread when its interval excludes zero."""
+    chosen = study.final_methods()
+    finished = {
+        m: [r for r in method_runs(results, dataset, m, final_only=True) if len(r["points"]) == study.POINTS]
+        for m in chosen or ()
+    }
+    base = finished.get("baseline", [])
+    lines = [
+        "| method | seeds (baseline's) | " + " | ".join(f"{label} − baseline" for _, label, _ in DIFFERENCES) + " |",
+        "|---|---|" + "---|" * len(DIFFERENCES),
+    ]
+    for method, runs in finished.items():
+        if method == "baseline":
+            continue
+        seeds = f"{', '.join(str(r['seed']) for r in runs) or 'none'} ({', '.join(str(r['seed']) for r in base)})"
+        if len(runs) < 2 or len(base) < 2:
+            lines.append(f"| {method} | {seeds} | " + " | ".join(["needs two seeds of each"] * len(DIFFERENCES)) + " |")
+            continue
+        cells = []
+        for name, _, better in DIFFERENCES:
+            scale = 100 if name in ("class_accuracy", "probe_last") else 1
+            diff, lo, hi = (
+                scale * v for v in welch_interval([_last(r, name) for r in runs], [_last(r, name) for r in base])
+            )
+            verdict = "" if lo <= 0 <= hi else (" (better)" if diff * better > 0 else " (worse)")
+            cells.append(f"{diff:+.1f} [{lo:+.1f}, {hi:+.1f}]{verdict}")
+        lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def speedup_table(results: dict[str, dict], dataset: str) -> list[str]:
     """The compute each method needs to reach the baseline's final FID, as a fraction of the budget."""
     base = curve_runs(results, dataset, "baseline")
@@ -249,6 +306,15 @@ def write_report(runs) -> None:
             "Final runs at equal compute (mean ± standard deviation over seeds):",
             "",
             *final_table(results, dataset),
+            "",
+        ]
+        parts += [
+            "Each final ST-AR method minus the final baseline at the end of the budget: difference of the means "
+            'and its 95% interval over seeds (Welch\'s t; percentage points for the accuracies). "better" or '
+            '"worse" marks a difference whose interval excludes zero, the study\'s test of "beyond the seed '
+            'spread", fixed before any final ST-AR run finished:',
+            "",
+            *difference_table(results, dataset),
             "",
         ]
         parts += [

@@ -191,9 +191,25 @@ def test_report_gives_speedup_spread_and_flatness(tmp_path, monkeypatch):
     assert "| baseline | 1, 2 | 40.0 ± 0.0 |" in text
     assert "| star-best | 1, 2 | 32.0 ± 1.4 |" in text  # sample standard deviation
     assert "(-2.4%)" in text  # it still fell
+    # star-best minus the baseline: -8 with a 95% interval of -8 ± t(0.975, 1 dof) * 1: within the spread
+    assert "| star-best | 1, 2 (1, 2) | -8.0 [-20.7, +4.7] | -16.0 [-41.4, +9.4] | +0.0 [+0.0, +0.0] |" in text
     assert "| star-paper | not run yet |" in text
     for kind in ("fid", "probe"):
         assert (tmp_path / "results" / f"compute-{kind}-{study.MAIN}.png").stat().st_size > 1000
+
+
+def test_the_welch_interval_excludes_zero_exactly_when_welchs_test_rejects_at_5_percent():
+    import numpy as np
+    import study_report
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        a, b = rng.normal(0, 1, size=3), rng.normal(rng.uniform(0, 4), rng.uniform(0.2, 2), size=3)
+        diff, lo, hi = study_report.welch_interval(a.tolist(), b.tolist())
+        assert diff == pytest.approx(a.mean() - b.mean()) and lo < diff < hi
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
+        assert (lo > 0 or hi < 0) == (p < 0.05), (trial, lo, hi, p)
 
 
 def test_an_evaluator_with_a_subset_of_real_images_but_no_fid_sample_size_is_refused():
