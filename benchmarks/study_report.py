@@ -124,8 +124,16 @@ def screen_table(results: dict[str, dict], dataset: str) -> list[str]:
     return lines
 
 
-def final_table(results: dict[str, dict], dataset: str) -> list[str]:
+def planned_finals(dataset: str) -> tuple[str, ...] | None:
+    """The final methods the plan runs on ``dataset`` (the second set runs the main pair only)."""
     chosen = study.final_methods()
+    if chosen is None:
+        return None
+    return tuple(m for m in chosen if any(r.final and r.dataset == dataset and r.method == m for r in study.plan()))
+
+
+def final_table(results: dict[str, dict], dataset: str) -> list[str]:
+    chosen = planned_finals(dataset)
     if chosen is None:
         return ["Not chosen yet: the rule above picks the final runs' methods once the screen is complete."]
     lines = [
@@ -179,7 +187,7 @@ def difference_table(results: dict[str, dict], dataset: str) -> list[str]:
     """Each final ST-AR method against the final baselines at the end of the budget: the difference of the
     means and its 95% interval over seeds (Welch). Fixed before any final ST-AR run finished: a difference
     counts as beyond the seed spread when its interval excludes zero."""
-    chosen = study.final_methods()
+    chosen = planned_finals(dataset)
     finished = {
         m: [r for r in method_runs(results, dataset, m, final_only=True) if len(r["points"]) == study.POINTS]
         for m in chosen or ()
