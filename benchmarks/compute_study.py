@@ -151,6 +151,7 @@ def execute(run: study.Run, work: str, on_point=None) -> dict:
         "method": run.method,
         "seed": run.seed,
         "final": run.final,
+        "added": run.added,
         "settings": {k: v for k, v in zip(("objective", "teacher", "data"), study.METHODS[run.method])},
         "steps": cfg.train.steps,
         "point_steps": points,

@@ -124,8 +124,28 @@ def screen_table(results: dict[str, dict], dataset: str) -> list[str]:
     return lines
 
 
-def final_table(results: dict[str, dict], dataset: str) -> list[str]:
+def planned_finals(dataset: str) -> tuple[str, ...] | None:
+    """The final methods the plan runs on ``dataset`` (the second set runs the main pair only)."""
     chosen = study.final_methods()
+    if chosen is None:
+        return None
+    return tuple(m for m in chosen if any(r.final and r.dataset == dataset and r.method == m for r in study.plan()))
+
+
+def final_groups(results: dict[str, dict], dataset: str, method: str) -> list[tuple[str, list[dict]]]:
+    """A final method's finished runs as (label, runs): the seeds fixed before the final runs, then, once
+    an added seed has finished, every seed (``study.ADDED_SEEDS``)."""
+    runs = [r for r in method_runs(results, dataset, method, final_only=True) if len(r["points"]) == study.POINTS]
+    fixed = [r for r in runs if not r.get("added")]
+    added = [r for r in runs if r.get("added")]
+    groups = [(method, fixed)]
+    if added:
+        groups.append((f"{method}, seed {', '.join(str(r['seed']) for r in added)} added", fixed + added))
+    return groups
+
+
+def final_table(results: dict[str, dict], dataset: str) -> list[str]:
+    chosen = planned_finals(dataset)
     if chosen is None:
         return ["Not chosen yet: the rule above picks the final runs' methods once the screen is complete."]
     lines = [
@@ -134,20 +154,20 @@ def final_table(results: dict[str, dict], dataset: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method in chosen:
-        runs = [r for r in method_runs(results, dataset, method, final_only=True) if len(r["points"]) == study.POINTS]
-        if not runs:
-            lines.append(f"| {method} | none finished yet | | | | | | | |")
-            continue
-        cells = [
-            _fmt([_last(r, "fid") for r in runs], ".1f"),
-            _fmt([_last(r, "domain_fid") for r in runs], ".1f"),
-            _fmt([_last(r, "class_accuracy") for r in runs], ".1f", 100) + "%",
-            _fmt([_last(r, "probe8") for r in runs], ".1f", 100) + "%",
-            _fmt([_last(r, "probe_last") for r in runs], ".1f", 100) + "%",
-            _fmt([_last(r, "guided_fid") for r in runs], ".1f"),
-            _fmt([_last(r, "guided_class_accuracy") for r in runs], ".1f", 100) + "%",
-        ]
-        lines.append(f"| {method} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+        for label, runs in final_groups(results, dataset, method):
+            if not runs:
+                lines.append(f"| {label} | none finished yet | | | | | | | |")
+                continue
+            cells = [
+                _fmt([_last(r, "fid") for r in runs], ".1f"),
+                _fmt([_last(r, "domain_fid") for r in runs], ".1f"),
+                _fmt([_last(r, "class_accuracy") for r in runs], ".1f", 100) + "%",
+                _fmt([_last(r, "probe8") for r in runs], ".1f", 100) + "%",
+                _fmt([_last(r, "probe_last") for r in runs], ".1f", 100) + "%",
+                _fmt([_last(r, "guided_fid") for r in runs], ".1f"),
+                _fmt([_last(r, "guided_class_accuracy") for r in runs], ".1f", 100) + "%",
+            ]
+            lines.append(f"| {label} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -179,32 +199,34 @@ def difference_table(results: dict[str, dict], dataset: str) -> list[str]:
     """Each final ST-AR method against the final baselines at the end of the budget: the difference of the
     means and its 95% interval over seeds (Welch). Fixed before any final ST-AR run finished: a difference
     counts as beyond the seed spread when its interval excludes zero."""
-    chosen = study.final_methods()
-    finished = {
-        m: [r for r in method_runs(results, dataset, m, final_only=True) if len(r["points"]) == study.POINTS]
-        for m in chosen or ()
-    }
-    base = finished.get("baseline", [])
+    chosen = planned_finals(dataset) or ()
+    groups = {m: final_groups(results, dataset, m) for m in chosen}
     lines = [
         "| method | seeds (baseline's) | " + " | ".join(f"{label} − baseline" for _, label, _ in DIFFERENCES) + " |",
         "|---|---|" + "---|" * len(DIFFERENCES),
     ]
-    for method, runs in finished.items():
+    for method in chosen:
         if method == "baseline":
             continue
-        seeds = f"{', '.join(str(r['seed']) for r in runs) or 'none'} ({', '.join(str(r['seed']) for r in base)})"
-        if len(runs) < 2 or len(base) < 2:
-            lines.append(f"| {method} | {seeds} | " + " | ".join(["needs two seeds of each"] * len(DIFFERENCES)) + " |")
-            continue
-        cells = []
-        for name, _, better in DIFFERENCES:
-            scale = 100 if name in ("class_accuracy", "probe_last") else 1
-            diff, lo, hi = (
-                scale * v for v in welch_interval([_last(r, name) for r in runs], [_last(r, name) for r in base])
-            )
-            verdict = "" if lo <= 0 <= hi else (" (better)" if diff * better > 0 else " (worse)")
-            cells.append(f"{diff:+.1f} [{lo:+.1f}, {hi:+.1f}]{verdict}")
-        lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
+        for i, (label, runs) in enumerate(groups[method]):
+            # the fixed seeds against the baseline's fixed seeds; with an added seed, every seed against every seed
+            base_groups = groups.get("baseline", [("baseline", [])])
+            base = base_groups[min(i, len(base_groups) - 1)][1]
+            seeds = f"{', '.join(str(r['seed']) for r in runs) or 'none'} ({', '.join(str(r['seed']) for r in base)})"
+            if len(runs) < 2 or len(base) < 2:
+                lines.append(
+                    f"| {label} | {seeds} | " + " | ".join(["needs two seeds of each"] * len(DIFFERENCES)) + " |"
+                )
+                continue
+            cells = []
+            for name, _, better in DIFFERENCES:
+                scale = 100 if name in ("class_accuracy", "probe_last") else 1
+                diff, lo, hi = (
+                    scale * v for v in welch_interval([_last(r, name) for r in runs], [_last(r, name) for r in base])
+                )
+                verdict = "" if lo <= 0 <= hi else (" (better)" if diff * better > 0 else " (worse)")
+                cells.append(f"{diff:+.1f} [{lo:+.1f}, {hi:+.1f}]{verdict}")
+            lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
 

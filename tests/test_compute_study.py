@@ -79,6 +79,12 @@ def test_plan_screens_every_method_then_runs_the_finals_on_new_seeds(monkeypatch
 def test_plan_runs_the_main_pair_on_both_sets_before_a_runner_up(monkeypatch):
     monkeypatch.setattr(study, "final_methods", lambda: ("baseline", "star-best", "star-paper"))
     finals = [r for r in study.plan() if r.final]
+    added = [r for r in finals if r.added]  # last of all, the main pair on the main set only
+    assert finals[-len(added) :] == added and {(r.dataset, r.method) for r in added} == {
+        (study.MAIN, "baseline"),
+        (study.MAIN, "star-best"),
+    }
+    finals = finals[: -len(added)]
     pair = [r for r in finals if r.method != "star-paper"]
     runner_up = [r for r in finals if r.method == "star-paper"]
     assert finals == pair + runner_up
@@ -149,6 +155,7 @@ def _fake_result(run, fids, probe8):
         "method": run.method,
         "seed": run.seed,
         "final": run.final,
+        "added": run.added,
         "steps": 800,
         "budget_flops": budget,
         "points": points,
@@ -177,6 +184,9 @@ def test_report_gives_speedup_spread_and_flatness(tmp_path, monkeypatch):
         # ST-AR reaches 40 halfway between points 4 (44) and 5 (36): 4.5/8 of the budget
         ("star-best", 1): [70.0, 50.0, 46.0, 44.0, 36.0, 35.0, 34.0, 33.0],
         ("star-best", 2): [70.0, 50.0, 46.0, 44.0, 36.0, 35.0, 34.0, 31.0],
+        # the added seed: its own rows, never in the test's; the curves and the speed-up take every seed
+        ("baseline", 4): [80.0, 60.0, 45.0, 42.0, 41.0, 41.0, 40.5, 40.0],
+        ("star-best", 4): [70.0, 50.0, 46.0, 44.0, 36.0, 35.0, 34.0, 33.0],
     }
     for run in runs:
         if run.dataset == study.MAIN and (run.method, run.seed) in wanted:
@@ -186,13 +196,17 @@ def test_report_gives_speedup_spread_and_flatness(tmp_path, monkeypatch):
     study_report.write_report(runs)
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert "| star-best | 1, 2 | 0.56x the budget |" in text  # the mean curve: 40 between 44 and 35.5
+    assert "| star-best | 1, 2, 4 | 0.56x the budget |" in text  # the mean curve: 40 between 44 and 35.5
     assert "| star-one-view | 0 | 0.86x the budget |" in text
     assert "| baseline | 1, 2 | 40.0 ± 0.0 |" in text
     assert "| star-best | 1, 2 | 32.0 ± 1.4 |" in text  # sample standard deviation
+    assert "| baseline, seed 4 added | 1, 2, 4 | 40.0 ± 0.0 |" in text
+    assert "| star-best, seed 4 added | 1, 2, 4 | 32.3 ± 1.2 |" in text
     assert "(-2.4%)" in text  # it still fell
     # star-best minus the baseline: -8 with a 95% interval of -8 ± t(0.975, 1 dof) * 1: within the spread
     assert "| star-best | 1, 2 (1, 2) | -8.0 [-20.7, +4.7] | -16.0 [-41.4, +9.4] | +0.0 [+0.0, +0.0] |" in text
+    # with the added seed, every seed against every seed: -7.7 ± t(0.975, 2 dof) * 0.67 excludes zero
+    assert "| star-best, seed 4 added | 1, 2, 4 (1, 2, 4) | -7.7 [-10.5, -4.8] (better) |" in text
     assert "| star-paper | not run yet |" in text
     for kind in ("fid", "probe"):
         assert (tmp_path / "results" / f"compute-{kind}-{study.MAIN}.png").stat().st_size > 1000
