@@ -205,13 +205,14 @@ def difference_table(results: dict[str, dict], dataset: str) -> list[str]:
         "| method | seeds (baseline's) | " + " | ".join(f"{label} − baseline" for _, label, _ in DIFFERENCES) + " |",
         "|---|---|" + "---|" * len(DIFFERENCES),
     ]
+    # the fixed seeds against the baseline's fixed seeds; with an added seed, every seed against every seed
+    base_groups = groups.get("baseline", [("baseline", [])])
+    base_fixed, base_every = base_groups[0][1], base_groups[-1][1]
     for method in chosen:
         if method == "baseline":
             continue
         for i, (label, runs) in enumerate(groups[method]):
-            # the fixed seeds against the baseline's fixed seeds; with an added seed, every seed against every seed
-            base_groups = groups.get("baseline", [("baseline", [])])
-            base = base_groups[min(i, len(base_groups) - 1)][1]
+            base = base_fixed if i == 0 else base_every
             seeds = f"{', '.join(str(r['seed']) for r in runs) or 'none'} ({', '.join(str(r['seed']) for r in base)})"
             if len(runs) < 2 or len(base) < 2:
                 lines.append(
