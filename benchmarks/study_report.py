@@ -92,9 +92,13 @@ def _last(result: dict, name: str) -> float | None:
     return metric(result["points"][-1], name) if len(result["points"]) == study.POINTS else None
 
 
+def _at_point(result: dict, name: str, k: int) -> float | None:
+    at = [p for p in result["points"] if p["point"] == k]
+    return metric(at[0], name) if at else None
+
+
 def _at_half(result: dict, name: str) -> float | None:
-    half = [p for p in result["points"] if p["point"] == study.POINTS // 2]
-    return metric(half[0], name) if half else None
+    return _at_point(result, name, study.POINTS // 2)
 
 
 def screen_table(results: dict[str, dict], dataset: str) -> list[str]:
@@ -231,6 +235,57 @@ def difference_table(results: dict[str, dict], dataset: str) -> list[str]:
     return lines
 
 
+def same_tokenizer_table(results: dict[str, dict], dataset: str) -> list[str]:
+    """The final ST-AR methods against the final baselines that trained on the tokenizer every final ST-AR
+    run shares (each result records ``tokenizer_sha256``). Empty when every baseline shares it already, or
+    when the ST-AR runs do not share one. Beside the test above, not in its place."""
+    chosen = planned_finals(dataset) or ()
+    finished = {
+        m: [r for r in method_runs(results, dataset, m, final_only=True) if len(r["points"]) == study.POINTS]
+        for m in chosen
+    }
+    star = [r for m, runs in finished.items() if m != "baseline" for r in runs]
+    tokenizers = {r.get("tokenizer_sha256") for r in star}
+    every_base = finished.get("baseline", [])
+    if len(tokenizers) != 1 or None in tokenizers:
+        return []
+    (tokenizer,) = tokenizers
+    base = [r for r in every_base if r.get("tokenizer_sha256") == tokenizer]
+    if len(base) == len(every_base) or len(base) < 2:
+        return []
+    later = 3 * study.POINTS // 4
+    lines = [
+        f"On the one tokenizer every final ST-AR run trained on ({tokenizer[:8]}): the baseline's seeds "
+        f"{', '.join(str(r['seed']) for r in base)}, FID {_fmt([_last(r, 'fid') for r in base], '.1f')} at the end "
+        f"(difference and 95% interval as above; FID at {later}/{study.POINTS} of the budget as well):",
+        "",
+        f"| method | seeds | FID | FID − baseline | FID at {later}/{study.POINTS} − baseline | guided FID − baseline "
+        "| probe last step − baseline | reaches the baseline's final FID at |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def difference(runs: list[dict], value, scale: float = 1.0) -> str:
+        diff, lo, hi = (scale * v for v in welch_interval([value(r) for r in runs], [value(r) for r in base]))
+        return f"{diff:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+    target = float(np.mean([_last(r, "fid") for r in base]))
+    for method, runs in finished.items():
+        if method == "baseline" or len(runs) < 2:
+            continue
+        x, y, _, _ = mean_curve(runs, "fid")
+        hit = reach(x, y, target) if len(x) else None
+        cells = [
+            _fmt([_last(r, "fid") for r in runs], ".1f"),
+            difference(runs, lambda r: _last(r, "fid")),
+            difference(runs, lambda r: _at_point(r, "fid", later)),
+            difference(runs, lambda r: _last(r, "guided_fid")),
+            difference(runs, lambda r: _last(r, "probe_last"), 100),
+            f"{hit / runs[0]['budget_flops']:.2f}x the budget" if hit is not None else "not within the budget",
+        ]
+        lines.append(f"| {method} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def speedup_table(results: dict[str, dict], dataset: str) -> list[str]:
     """The compute each method needs to reach the baseline's final FID, as a fraction of the budget."""
     base = curve_runs(results, dataset, "baseline")
@@ -340,6 +395,8 @@ def write_report(runs) -> None:
             *difference_table(results, dataset),
             "",
         ]
+        if same := same_tokenizer_table(results, dataset):
+            parts += [*same, ""]
         parts += [
             "Compute needed to reach the baseline's final figure (mean curve over a method's finished final runs, "
             "or over its screening run while none has finished):",

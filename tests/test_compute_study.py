@@ -212,6 +212,32 @@ def test_report_gives_speedup_spread_and_flatness(tmp_path, monkeypatch):
         assert (tmp_path / "results" / f"compute-{kind}-{study.MAIN}.png").stat().st_size > 1000
 
 
+def test_the_same_tokenizer_table_drops_the_baseline_seeds_trained_on_another_tokenizer(monkeypatch):
+    import study_report
+
+    monkeypatch.setattr(study, "final_methods", lambda: ("baseline", "star-best"))
+    curves = {
+        ("baseline", 1, "old"): [None, None, None, 60.0, None, 60.0, None, 60.0],  # another tokenizer
+        ("baseline", 2, "new"): [None, None, None, 50.0, None, 44.0, None, 40.0],
+        ("baseline", 3, "new"): [None, None, None, 50.0, None, 46.0, None, 42.0],
+        ("star-best", 1, "new"): [None, None, None, 48.0, None, 40.0, None, 40.0],
+        ("star-best", 2, "new"): [None, None, None, 48.0, None, 42.0, None, 40.0],
+    }
+    results = {}
+    for (method, seed, tokenizer), fids in curves.items():
+        run = study.Run(study.MAIN, method, seed, final=True)
+        results[run.key] = {**_fake_result(run, fids, 0.6), "tokenizer_sha256": tokenizer * 8}
+    lines = study_report.same_tokenizer_table(results, study.MAIN)
+    assert "the baseline's seeds 2, 3, FID 41.0 ± 1.4 at the end" in lines[0]
+    # at the end -1 (41 -> 40); at 6/8 41 against 45: -4; the mean curve reaches 41 at 6/8: 0.75x
+    row = next(line for line in lines if line.startswith("| star-best |"))
+    assert row.startswith("| star-best | 1, 2 | 40.0 ± 0.0 | -1.0 [") and "| -4.0 [" in row
+    assert row.endswith("| 0.75x the budget |")
+    for r in results.values():  # every baseline on the one tokenizer: nothing to add to the tables
+        r["tokenizer_sha256"] = "new" * 8
+    assert study_report.same_tokenizer_table(results, study.MAIN) == []
+
+
 def test_the_welch_interval_excludes_zero_exactly_when_welchs_test_rejects_at_5_percent():
     import numpy as np
     import study_report
